@@ -1,0 +1,186 @@
+"""Base configuration: every field the trainer reads, with its default and meaning.
+
+Config files under `configs/` start from `base_config()` and override what they need; each has one
+`get_config(recipe)`. Any field can be overridden on the command line: `--config.train.epochs=5`.
+`validate` refuses impossible combinations with one clear line, before anything is compiled.
+"""
+from __future__ import annotations
+
+import json
+
+import ml_collections
+
+from prdp_jax.errors import ConfigError
+
+METHODS = ("prdp", "ddpo")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0                      # Seeds parameter init, prompt order, sampling noise, shuffles.
+    c.method = "prdp"               # "prdp" (reward difference prediction) or "ddpo" (PPO baseline).
+
+    # ---- Model ----
+    c.model = m = ml_collections.ConfigDict()
+    m.source = "random"             # "random": fresh init from model.init_seed (reference = init).
+    m.init_seed = 0                 # Seed of the random init (reference and trainable start).
+    m.dtype = "float32"             # Activation dtype of the UNet ("float32" or "bfloat16").
+    m.remat = False                 # Rematerialise UNet blocks in the backward pass (saves memory).
+    m.tokenizer = "word"            # "word": closed vocabulary of the prompt sets.
+    m.unet = ml_collections.ConfigDict(dict(   # Fields of diffusers' UNet2DConditionModel config.
+        sample_size=16,                        # Latent (here pixel) height and width.
+        in_channels=3,                         # Latent channels in.
+        out_channels=3,                        # Predicted channels out.
+        block_out_channels=(32, 64),           # Channels per resolution level.
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),  # One per level.
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),        # One per level, reversed.
+        layers_per_block=1,                    # Resnets per down block (up blocks get one more).
+        num_attention_heads=4,                 # Heads per level (int or tuple).
+        cross_attention_dim=32,                # Text embedding width; equals text hidden_size.
+        transformer_layers_per_block=1,        # Transformer blocks per attention layer.
+        norm_num_groups=8,                     # GroupNorm groups.
+        norm_eps=1e-5,                         # GroupNorm epsilon in resnets and the output norm.
+        use_linear_projection=False,           # Linear (SD 2.x) instead of 1x1 conv proj_in/out.
+        upcast_attention=False,                # Attention in float32 under bf16 (SD 2.1).
+        flip_sin_to_cos=True,                  # Timestep features as [cos, sin].
+        freq_shift=0.0,                        # Timestep feature frequency shift.
+    ))
+    m.text_encoder = ml_collections.ConfigDict(dict(  # Fields of transformers' CLIPTextConfig.
+        vocab_size=-1,                         # -1: the word tokenizer's vocabulary size.
+        hidden_size=32,                        # Width; must equal unet.cross_attention_dim.
+        intermediate_size=64,                  # MLP width.
+        num_hidden_layers=2,                   # Encoder layers.
+        num_attention_heads=4,                 # Attention heads.
+        max_position_embeddings=16,            # Longest token sequence (BOS/EOS included).
+        hidden_act="quick_gelu",               # "quick_gelu" (OpenAI CLIP) or "gelu".
+        layer_norm_eps=1e-5,                   # LayerNorm epsilon.
+        eos_token_id=1,                        # Pooling position: first EOS (word tokenizer: 1).
+    ))
+
+    # ---- Noise schedule (diffusers scheduler config semantics) ----
+    c.schedule = s = ml_collections.ConfigDict()
+    s.num_train_timesteps = 1000    # Training timesteps of the base model.
+    s.beta_start = 0.00085          # First beta.
+    s.beta_end = 0.012              # Last beta.
+    s.beta_schedule = "scaled_linear"  # "scaled_linear" (Stable Diffusion) or "linear".
+    s.steps_offset = 1              # Offset added to "leading" inference timesteps.
+    s.set_alpha_to_one = False      # Last step's alpha-bar: 1 (zero variance) or alphas_cumprod[0].
+    s.timestep_spacing = "leading"  # "leading", "trailing" or "linspace".
+    s.prediction_type = "epsilon"   # "epsilon" or "v_prediction".
+
+    # ---- Sampling (the policy) ----
+    c.sample = ml_collections.ConfigDict()
+    c.sample.num_steps = 50         # Denoising steps T (paper: 50).
+    c.sample.eta = 1.0              # DDIM eta; 1.0 is DDPM ancestral sampling (paper).
+    c.sample.guidance_scale = 5.0   # Classifier-free guidance scale (paper: 5.0).
+    c.sample.batch_size = 0         # Trajectories per sampler call; 0 = all of an epoch at once.
+    c.sample.logprob_reduction = "mean"  # Per-step log-prob over latent elements: "mean" or "sum".
+
+    # ---- Prompts ----
+    c.prompts = ml_collections.ConfigDict()
+    c.prompts.train = "animals"     # Registered prompt set for training (see prdp_jax.prompts).
+
+    # ---- Reward ----
+    c.reward = ml_collections.ConfigDict()
+    c.reward.weights = ml_collections.ConfigDict({"jpeg_compressibility": 1.0})  # name -> weight.
+
+    # ---- Training (Algorithm 1) ----
+    c.train = t = ml_collections.ConfigDict()
+    t.epochs = 100                  # Epochs E: each samples fresh trajectories from a snapshot.
+    t.prompts_per_epoch = 32        # Prompts N sampled per epoch.
+    t.images_per_prompt = 16        # Trajectories B per prompt (PRDP needs >= 2).
+    t.passes_per_epoch = 10         # K passes over the epoch's samples (paper's K updates).
+    t.prompts_per_minibatch = 32    # Prompts per optimiser step; N / this = steps per pass. With
+                                    # several minibatches the clip binds from the second step on.
+    t.microbatch_trajectories = 8   # Trajectories per gradient tile (memory, not maths).
+    t.microbatch_steps = 10         # Steps per gradient tile (memory, not maths).
+    t.learning_rate = 1e-5          # AdamW learning rate (constant).
+    t.weight_decay = 1e-4           # AdamW decoupled weight decay.
+    t.adam_b1 = 0.9                 # AdamW beta1.
+    t.adam_b2 = 0.999               # AdamW beta2.
+    t.adam_eps = 1e-8               # AdamW epsilon.
+    t.max_grad_norm = 1.0           # Global-norm gradient clip.
+
+    # ---- PRDP ----
+    c.prdp = p = ml_collections.ConfigDict()
+    p.beta = 3e-5                   # KL coefficient; the regression target is reward difference / beta.
+    p.clip_eps = 1e-6               # Per-step proximal clip of log pi_theta / pi_theta_old.
+    p.step_reduction = "mean"       # Trajectory log-ratio over steps: "mean" (paper code) or "sum".
+
+    # ---- DDPO ----
+    c.ddpo = d = ml_collections.ConfigDict()
+    d.clip_range = 1e-4             # PPO ratio clip.
+    d.adv_clip_max = 5.0            # Advantages clipped to +-this.
+    d.normalization = "per_prompt"  # "per_prompt" (stat tracker) or "batch".
+    d.buffer_size = 32              # Stat tracker: rewards kept per prompt.
+    d.min_count = 16                # Stat tracker: fewer than this -> batch mean/std.
+
+    # ---- Mesh and sharding ----
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.devices = 0              # Devices to use: 0 = all (of all processes); N = the first N.
+    c.mesh.data = -1                # Data-parallel axis size; -1 fills the remaining devices.
+    c.mesh.fsdp = 1                 # Fully-sharded axis size (params/optimizer split over it).
+    c.mesh.tensor = 1               # Tensor axis size (reserved; batch is not split over it).
+    c.mesh.rules = ()               # 'regex=spec' param sharding rules, e.g. 'kernel$=-,-,-,fsdp'.
+    c.mesh.fsdp_min_size = 2 ** 14  # Unmatched params smaller than this stay replicated.
+
+    # ---- Checkpoints, logging ----
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_epochs = 1   # Save every this many epochs (and at the end).
+    c.checkpoint.max_to_keep = 3    # Checkpoints kept.
+    c.log = ml_collections.ConfigDict()
+    c.log.grid_every_epochs = 10    # Save a captioned PNG grid of samples every this many epochs.
+    c.log.grid_prompts = 4          # Prompts in the grid (rows).
+    c.log.grid_images = 4           # Images per prompt in the grid (columns).
+    c.log.progress = True           # tqdm progress bars.
+    c.log.compile_cache = "~/.cache/prdp_jax/xla"  # Persistent XLA compilation cache ("" = off).
+    return c
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+    """Refuses impossible combinations that need no devices to detect."""
+    if c.method not in METHODS:
+        raise ConfigError(f"method must be one of {METHODS}, got {c.method!r}")
+    t = c.train
+    for name in ("epochs", "prompts_per_epoch", "images_per_prompt", "passes_per_epoch",
+                 "prompts_per_minibatch", "microbatch_trajectories", "microbatch_steps"):
+        if int(t[name]) < 1:
+            raise ConfigError(f"train.{name} must be >= 1, got {t[name]}")
+    if c.method == "prdp" and t.images_per_prompt < 2:
+        raise ConfigError(f"PRDP compares trajectories of the same prompt: train.images_per_prompt "
+                          f"must be >= 2, got {t.images_per_prompt}")
+    if t.prompts_per_epoch % t.prompts_per_minibatch:
+        raise ConfigError(f"train.prompts_per_minibatch={t.prompts_per_minibatch} must divide "
+                          f"train.prompts_per_epoch={t.prompts_per_epoch}")
+    total = t.prompts_per_epoch * t.images_per_prompt
+    if c.sample.batch_size and total % c.sample.batch_size:
+        raise ConfigError(f"sample.batch_size={c.sample.batch_size} must divide the "
+                          f"{total} trajectories of an epoch (prompts_per_epoch x images_per_prompt)")
+    if c.prdp.beta <= 0:
+        raise ConfigError(f"prdp.beta must be > 0, got {c.prdp.beta}")
+    if c.prdp.clip_eps <= 0:
+        raise ConfigError(f"prdp.clip_eps must be > 0, got {c.prdp.clip_eps}")
+    if c.prdp.step_reduction not in ("mean", "sum"):
+        raise ConfigError(f"prdp.step_reduction must be 'mean' or 'sum', got {c.prdp.step_reduction!r}")
+    if c.sample.logprob_reduction not in ("mean", "sum"):
+        raise ConfigError(f"sample.logprob_reduction must be 'mean' or 'sum', "
+                          f"got {c.sample.logprob_reduction!r}")
+    if c.ddpo.normalization not in ("per_prompt", "batch"):
+        raise ConfigError(f"ddpo.normalization must be 'per_prompt' or 'batch', "
+                          f"got {c.ddpo.normalization!r}")
+    if c.model.dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"model.dtype must be 'float32' or 'bfloat16', got {c.model.dtype!r}")
+    if c.mesh.devices < 0:
+        raise ConfigError(f"mesh.devices must be 0 (all) or a positive count, got {c.mesh.devices}")
+    if c.checkpoint.every_epochs < 1:
+        raise ConfigError(f"checkpoint.every_epochs must be >= 1, got {c.checkpoint.every_epochs}")
+
+
+def to_json(c: ml_collections.ConfigDict) -> str:
+    return json.dumps(c.to_dict(), sort_keys=True, default=str)
+
+
+def fingerprint(c: ml_collections.ConfigDict) -> dict:
+    """The config fields a checkpoint's contents depend on; a resume must match them."""
+    d = json.loads(to_json(c))
+    return {"method": d["method"], "model": d["model"], "seed": d["seed"]}

@@ -1,0 +1,76 @@
+"""Command line entry point, intentionally kept short.
+
+    python -m prdp_jax.main --config configs/<file>.py[:recipe] [--workdir DIR] [--config.a.b=v]
+
+It parses the flags, sets up JAX (multi-host runtime, compilation cache) and calls
+`train.train_and_evaluate(config, workdir)`. Errors in user input print one line and exit 2.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file, optionally ':recipe'.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Checkpoints, metrics and samples go here "
+                    "(default: runs/<config name>[-<recipe>]).")
+
+
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def one_line(e: BaseException) -> str:
+    """A readable single line from the exceptions that config parsing raises."""
+    text = str(e.args[0] if isinstance(e, (KeyError, AttributeError)) and e.args else e)
+    text = text.replace("\\n", " ").replace("\\'", "'").replace("\n", " ")
+    return re.sub(r"\s+", " ", text).strip(" '\"")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    from prdp_jax.errors import UserError
+    try:
+        rest = FLAGS(argv)
+    except UserError as e:
+        fail(str(e))
+    except flags.Error as e:
+        fail(one_line(e))
+    except (AttributeError, KeyError, TypeError, ValueError, OSError) as e:
+        fail(f"bad --config or override: {one_line(e)}")
+    if FLAGS.config is None:
+        fail("--config is required, e.g. --config configs/jpeg_tiny.py")
+    try:
+        FLAGS.config.keys()  # a config file that failed to load raises only when first used
+    except OSError as e:
+        last = [line.strip() for line in str(e).splitlines() if line.strip()][-1]
+        fail(f"cannot load --config {FLAGS['config'].config_filename}: {last}")
+    return rest
+
+
+def default_workdir(config_arg: str) -> str:
+    path, _, recipe = config_arg.partition(":")
+    name = os.path.splitext(os.path.basename(path))[0]
+    return os.path.join("runs", f"{name}-{recipe}" if recipe else name)
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    logging.set_verbosity(logging.WARNING)  # JAX's backend probing is INFO-level noise here.
+    from prdp_jax import runtime, train
+    from prdp_jax.errors import UserError
+    try:
+        runtime.setup(FLAGS.config)
+        workdir = FLAGS.workdir or default_workdir(FLAGS["config"].config_filename)
+        train.train_and_evaluate(FLAGS.config, workdir)
+    except UserError as e:
+        fail(str(e))
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)

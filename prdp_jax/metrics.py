@@ -1,0 +1,107 @@
+"""Metric and image output: a JSONL file, TensorBoard event files and captioned PNG grids.
+
+Only process 0 writes; on other processes every method is a no-op. Files are written to a
+temporary name and renamed, so a crash never leaves a half-written PNG or JSON.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Mapping, Sequence
+
+import jax
+import numpy as np
+from PIL import Image, ImageDraw
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: str, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+class MetricWriter:
+    def __init__(self, workdir: str, enabled: bool | None = None):
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self.workdir = workdir
+        self._tb = None
+        if self.enabled:
+            os.makedirs(workdir, exist_ok=True)
+            from tensorboardX import SummaryWriter
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
+
+    def write(self, step: int, metrics: Mapping[str, float]) -> None:
+        if not self.enabled:
+            return
+        row = {"epoch": int(step), **{k: _plain(v) for k, v in metrics.items()}}
+        with open(self.jsonl_path, "a") as f:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+        for k, v in row.items():
+            if isinstance(v, (int, float)) and k != "epoch":
+                self._tb.add_scalar(k, v, step)
+        self._tb.flush()
+
+    def truncate_after(self, epoch: int) -> None:
+        """Drops JSONL rows past `epoch` (after a resume from an earlier checkpoint)."""
+        if not self.enabled or not os.path.exists(self.jsonl_path):
+            return
+        with open(self.jsonl_path) as f:
+            rows = [line for line in f if line.strip() and json.loads(line)["epoch"] <= epoch]
+        atomic_write_bytes(self.jsonl_path, "".join(rows).encode())
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _plain(v):
+    if isinstance(v, (np.generic, np.ndarray)) or hasattr(v, "dtype"):
+        v = np.asarray(v)
+        return v.item() if v.size == 1 else v.tolist()
+    return v
+
+
+def image_grid(images: np.ndarray, captions: Sequence[str], columns: int, scale: int = 1,
+               caption_lines: int = 2) -> Image.Image:
+    """A grid of images, each with a caption (lines split on newlines) below it.
+
+    Args:
+      images: [N, H, W, 3] float in [0, 1].
+      captions: N strings.
+      columns: images per row.
+      scale: nearest-neighbour upscaling of each image (small images stay legible).
+    """
+    images = np.clip(np.round(np.asarray(images, np.float32) * 255), 0, 255).astype(np.uint8)
+    n, h, w, _ = images.shape
+    h, w = h * scale, w * scale
+    cell_w = max(w, 96)
+    caption_height = 11 * caption_lines + 2
+    max_chars = max(cell_w // 6 - 1, 8)
+    rows = -(-n // columns)
+    grid = Image.new("RGB", (columns * cell_w, rows * (h + caption_height)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (img, cap) in enumerate(zip(images, captions)):
+        r, c = divmod(i, columns)
+        tile = Image.fromarray(img).resize((w, h), Image.NEAREST)
+        x, y = c * cell_w, r * (h + caption_height)
+        grid.paste(tile, (x, y))
+        lines = [line[:max_chars] for line in cap.split("\n")[:caption_lines]]
+        draw.text((x + 1, y + h + 1), "\n".join(lines), fill="black")
+    return grid
+
+
+def save_grid(path: str, images: np.ndarray, captions: Sequence[str], columns: int) -> None:
+    if jax.process_index() != 0:
+        return
+    import io
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    scale = max(1, 96 // images.shape[2])
+    buf = io.BytesIO()
+    image_grid(images, captions, columns, scale=scale).save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())

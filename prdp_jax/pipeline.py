@@ -1,0 +1,129 @@
+"""A text-to-image pipeline: tokenizer, text encoder, UNet, decoder and their frozen weights.
+
+`build(config, mesh)` returns the modules and a `load_*` function per weight set, each of which
+materialises straight into its sharded layout: the trainable UNet start, the frozen reference UNet
+(loaded from its own source, never from a training checkpoint) and the frozen text encoder.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+
+from prdp_jax import prompts as prompt_sets
+from prdp_jax import sharding
+from prdp_jax.errors import ConfigError
+from prdp_jax.models.text_encoder import TextEncoder
+from prdp_jax.models.unet import UNet
+from prdp_jax.text import WordTokenizer
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass
+class Pipeline:
+    """Modules, tokenizer and weight loaders of one model.
+
+    Attributes:
+      unet: the UNet module; `denoiser` wraps its apply.
+      text_encoder: the CLIP-style text module.
+      tokenizer: [N] strings -> [N, L] int32 ids.
+      latent_shape: (H, W, C) of one latent.
+      decode: (frozen params, latents [B, H, W, C]) -> images [B, H', W', 3] float32 in [0, 1].
+      unet_params: () -> the initial (and reference) UNet params, sharded.
+      frozen_params: () -> {'text_encoder': ..., 'vae': ...} frozen params, sharded.
+      abstract_unet_params: the UNet param tree as ShapeDtypeStructs with shardings.
+    """
+
+    unet: UNet
+    text_encoder: TextEncoder
+    tokenizer: Callable[[Sequence[str]], np.ndarray]
+    latent_shape: tuple[int, int, int]
+    decode: Callable[[Any, jax.Array], jax.Array]
+    unet_params: Callable[[], Any]
+    frozen_params: Callable[[], Any]
+    abstract_unet_params: Any
+
+    def denoiser(self, params, x, t, context):
+        """(params, x [B,H,W,C], t [B], context [B,L,D]) -> [B,H,W,C] model output."""
+        return self.unet.apply({"params": params}, x, t, context)
+
+    def encode_text(self, frozen, ids: jax.Array) -> jax.Array:
+        """[N, L] ids -> [N, L, D] last hidden states."""
+        return self.text_encoder.apply({"params": frozen["text_encoder"]}, ids)[0]
+
+
+def unet_from_config(config: ml_collections.ConfigDict) -> UNet:
+    fields = config.model.unet.to_dict()
+    for k, v in fields.items():
+        if isinstance(v, list):
+            fields[k] = tuple(v)
+    try:
+        unet = UNet(**fields, remat=bool(config.model.remat), dtype=DTYPES[config.model.dtype])
+    except TypeError as e:
+        raise ConfigError(f"model.unet: {e}") from None
+    unet.validate()
+    return unet
+
+
+def text_encoder_from_config(config: ml_collections.ConfigDict, vocab_size: int) -> TextEncoder:
+    fields = config.model.text_encoder.to_dict()
+    if fields.get("vocab_size", -1) == -1:
+        fields["vocab_size"] = vocab_size
+    try:
+        enc = TextEncoder(**fields)
+    except TypeError as e:
+        raise ConfigError(f"model.text_encoder: {e}") from None
+    enc.validate()
+    return enc
+
+
+def pixel_decode(frozen, latents: jax.Array) -> jax.Array:
+    """Pixel-space models: [-1, 1] -> [0, 1]."""
+    return jnp.clip((latents.astype(jnp.float32) + 1.0) / 2.0, 0.0, 1.0)
+
+
+def init_sharded(module, mesh: Mesh, config: ml_collections.ConfigDict, key: jax.Array, *args):
+    """Initialises a module's params directly into their sharded layout (abstract shapes first)."""
+    abstract = jax.eval_shape(lambda k: module.init(k, *args)["params"], key)
+    rules = sharding.parse_rules(config.mesh.rules)
+    shardings = sharding.tree_shardings(abstract, mesh, rules, config.mesh.fsdp_min_size)
+    init = jax.jit(lambda k: module.init(k, *args)["params"], out_shardings=shardings)
+    return init, abstract, shardings
+
+
+def build(config: ml_collections.ConfigDict, mesh: Mesh, extra_prompts: Sequence[str] = ()) -> Pipeline:
+    """Builds the pipeline named by `config.model.source`."""
+    if config.model.source != "random":
+        raise ConfigError(f"model.source {config.model.source!r} is not known; use 'random'")
+    if config.model.tokenizer != "word":
+        raise ConfigError(f"model.tokenizer {config.model.tokenizer!r} is not known; use 'word'")
+    vocab_prompts = list(prompt_sets.load(config.prompts.train, config)) + list(extra_prompts)
+    tokenizer = WordTokenizer.from_prompts(
+        vocab_prompts + [""], max_length=config.model.text_encoder.max_position_embeddings)
+    unet = unet_from_config(config)
+    text_encoder = text_encoder_from_config(config, tokenizer.vocab_size)
+    if unet.cross_attention_dim != text_encoder.hidden_size:
+        raise ConfigError(f"model.unet.cross_attention_dim={unet.cross_attention_dim} must equal "
+                          f"model.text_encoder.hidden_size={text_encoder.hidden_size}")
+    size = unet.sample_size
+    latent_shape = (size, size, unet.in_channels)
+    length = tokenizer.max_length
+    key_unet, key_text = jax.random.split(jax.random.key(config.model.init_seed))
+    unet_init, abstract, shardings = init_sharded(
+        unet, mesh, config, key_unet, jnp.zeros((1,) + latent_shape), jnp.zeros((1,), jnp.int32),
+        jnp.zeros((1, length, unet.cross_attention_dim)))
+    text_init, _, _ = init_sharded(text_encoder, mesh, config, key_text,
+                                   jnp.zeros((1, length), jnp.int32))
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abstract, shardings)
+    return Pipeline(
+        unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, latent_shape=latent_shape,
+        decode=pixel_decode, unet_params=lambda: unet_init(key_unet),
+        frozen_params=lambda: {"text_encoder": text_init(key_text)},
+        abstract_unet_params=abstract)

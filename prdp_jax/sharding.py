@@ -1,0 +1,174 @@
+"""The device mesh and the sharding rules, both from config.
+
+The mesh has axes ('data', 'fsdp', 'tensor'). Batches (trajectories, transitions, images) are split
+over ('data', 'fsdp') together; parameters and optimizer state are split over 'fsdp' (fully sharded
+data parallel) by rules, and replicated over 'data'.
+
+Rules (`mesh.rules`) are (regex, spec) pairs matched against a parameter's path
+('down_blocks_0/resnets_0/conv1/kernel'); the first match wins. A spec names, per dimension, a mesh
+axis, several joined by '+', or '-' for none (e.g. '-,-,-,fsdp'). Parameters no rule matches are
+sharded over 'fsdp' on their largest dimension it divides, if they have at least
+`mesh.fsdp_min_size` elements; otherwise they are replicated.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Optional, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from prdp_jax.errors import ConfigError
+
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+
+def mesh_shape(sizes: dict, num_devices: int) -> tuple[int, ...]:
+    """Resolves axis sizes (one may be -1: fill the remaining devices) into a full shape."""
+    shape = [int(sizes.get(a, 1)) for a in AXES]
+    fill = [i for i, s in enumerate(shape) if s == -1]
+    if len(fill) > 1:
+        raise ConfigError("mesh: at most one of mesh.data / mesh.fsdp / mesh.tensor may be -1")
+    if any(s == 0 or s < -1 for s in shape):
+        raise ConfigError(f"mesh: axis sizes must be positive or -1, got {dict(zip(AXES, shape))}")
+    known = math.prod(s for s in shape if s != -1)
+    if fill:
+        if num_devices % known:
+            raise ConfigError(f"mesh: {num_devices} devices are not divisible by the fixed axes "
+                              f"{dict(zip(AXES, shape))}")
+        shape[fill[0]] = num_devices // known
+    if math.prod(shape) != num_devices:
+        raise ConfigError(f"mesh: axes {dict(zip(AXES, shape))} need {math.prod(shape)} devices, "
+                          f"but {num_devices} are available; use -1 for one axis to fill the rest")
+    return tuple(shape)
+
+
+def make_mesh(sizes: dict, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+    """A ('data', 'fsdp', 'tensor') mesh over `devices` (default: all devices of all processes)."""
+    devices = list(jax.devices() if devices is None else devices)
+    if not devices:
+        raise ConfigError("mesh: no devices")
+    shape = mesh_shape(sizes, len(devices))
+    return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
+
+
+def mesh_from_config(mesh_config) -> Mesh:
+    """The mesh of `config.mesh`: its axis sizes over its first `devices` devices (0 = all)."""
+    devices = jax.devices()
+    count = int(mesh_config.get("devices", 0) or 0)
+    if count > len(devices):
+        raise ConfigError(f"mesh.devices={count} but only {len(devices)} devices are available")
+    if count:
+        devices = devices[:count]
+    return make_mesh({a: mesh_config.get(a, 1) for a in AXES}, devices)
+
+
+def batch_shards(mesh: Mesh) -> int:
+    """How many pieces the batch dimension is split into."""
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading dimension split over ('data', 'fsdp'); the rest replicated."""
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def constrain_batch(mesh: Mesh):
+    """A function that pins an array's leading dimension to the batch axes (inside jit)."""
+    sharding = batch_sharding(mesh)
+    return lambda x: jax.lax.with_sharding_constraint(x, sharding)
+
+
+def _parse_spec(spec: str, ndim: int, path: str) -> P:
+    parts = [p.strip() for p in spec.split(",")] if spec.strip() else []
+    if len(parts) != ndim:
+        raise ConfigError(f"mesh.rules: spec {spec!r} has {len(parts)} entries but parameter "
+                          f"{path} has {ndim} dimensions")
+    out = []
+    for part in parts:
+        if part in ("-", "", "None"):
+            out.append(None)
+            continue
+        names = tuple(part.split("+"))
+        for name in names:
+            if name not in AXES:
+                raise ConfigError(f"mesh.rules: unknown mesh axis {name!r} in {spec!r}; known: {AXES}")
+        out.append(names[0] if len(names) == 1 else names)
+    return P(*out)
+
+
+def param_spec(path: str, shape: tuple[int, ...], mesh: Mesh, rules: Sequence[tuple[str, str]],
+               fsdp_min_size: int) -> P:
+    """The PartitionSpec of one parameter."""
+    for pattern, spec in rules:
+        if re.search(pattern, path):
+            parsed = _parse_spec(spec, len(shape), path)
+            for dim, axes in zip(shape, parsed):
+                size = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ()))
+                if dim % size:
+                    raise ConfigError(f"mesh.rules: {path} dimension {dim} is not divisible by mesh "
+                                      f"axes {axes} (size {size})")
+            return parsed
+    fsdp = mesh.shape["fsdp"]
+    if fsdp == 1 or math.prod(shape) < fsdp_min_size:
+        return P()
+    for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+        if shape[dim] % fsdp == 0:
+            spec = [None] * len(shape)
+            spec[dim] = "fsdp"
+            return P(*spec)
+    return P()
+
+
+def tree_shardings(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, str]] = (),
+                   fsdp_min_size: int = 2 ** 14) -> Any:
+    """NamedShardings for every array leaf of `tree` (arrays or ShapeDtypeStructs).
+
+    Scalars (e.g. optimizer step counts) are replicated.
+    """
+    def one(path, leaf):
+        name = "/".join(_key_name(k) for k in path)
+        shape = tuple(getattr(leaf, "shape", ()))
+        if not shape:
+            return replicated(mesh)
+        return NamedSharding(mesh, param_spec(name, shape, mesh, rules, fsdp_min_size))
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def _key_name(key: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def parse_rules(rules: Sequence[str]) -> list[tuple[str, str]]:
+    """Config strings 'regex=spec' -> [(regex, spec)]."""
+    out = []
+    for rule in rules:
+        if "=" not in rule:
+            raise ConfigError(f"mesh.rules: {rule!r} is not of the form 'regex=spec'")
+        pattern, spec = rule.rsplit("=", 1)
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ConfigError(f"mesh.rules: bad regex {pattern!r}: {e}") from None
+        out.append((pattern, spec))
+    return out
+
+
+def host_local_rows(sharding: NamedSharding, global_rows: int) -> np.ndarray:
+    """The sorted global row indices of a batch-sharded array held by this process's devices."""
+    index_map = sharding.addressable_devices_indices_map((global_rows,))
+    rows = set()
+    for index in index_map.values():
+        rows.update(range(*index[0].indices(global_rows)))
+    return np.array(sorted(rows), dtype=np.int64)

@@ -1,0 +1,60 @@
+"""Tokenizers: a word-level one for closed vocabularies, and transformers' CLIP tokenizer.
+
+Both map a list of strings to [N, max_length] int32 ids laid out as CLIP expects:
+BOS, tokens..., EOS, then padding.
+"""
+from __future__ import annotations
+
+import re
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from prdp_jax.errors import PromptError
+
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+def words(text: str) -> list[str]:
+    """Lower-cased alphanumeric words of a caption."""
+    return _WORD.findall(text.lower())
+
+
+class WordTokenizer:
+    """Closed-vocabulary tokenizer: ids 0 = pad, 1 = EOS, 2 = BOS, then the sorted vocabulary.
+
+    Use `eos_token_id=1` in the text encoder so it pools at the first EOS.
+    """
+
+    pad_id, eos_id, bos_id = 0, 1, 2
+
+    def __init__(self, vocabulary: Iterable[str], max_length: int):
+        self.vocab = sorted(set(vocabulary))
+        self.ids = {w: i + 3 for i, w in enumerate(self.vocab)}
+        self.max_length = int(max_length)
+
+    @classmethod
+    def from_prompts(cls, prompts: Sequence[str], max_length: int | None = None) -> "WordTokenizer":
+        vocab = {w for p in prompts for w in words(p)}
+        longest = max((len(words(p)) for p in prompts), default=0) + 2
+        return cls(vocab, max_length or longest)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab) + 3
+
+    def __call__(self, prompts: Sequence[str]) -> np.ndarray:
+        """[N] strings -> [N, max_length] int32 ids. Raises PromptError on unknown words."""
+        out = np.full((len(prompts), self.max_length), self.pad_id, np.int32)
+        for row, prompt in enumerate(prompts):
+            toks = words(prompt)
+            unknown = [w for w in toks if w not in self.ids]
+            if unknown:
+                raise PromptError(f"prompt {prompt!r}: unknown word {unknown[0]!r} (not in the "
+                                  f"tokenizer's {len(self.vocab)}-word vocabulary)")
+            if len(toks) + 2 > self.max_length:
+                raise PromptError(f"prompt {prompt!r} has {len(toks)} words; at most "
+                                  f"{self.max_length - 2} fit")
+            ids = [self.bos_id] + [self.ids[w] for w in toks] + [self.eos_id]
+            out[row, :len(ids)] = ids
+        return out

@@ -1,0 +1,31 @@
+"""prdp-jax: Proximal Reward Difference Prediction finetuning of diffusion models in JAX/Flax."""
+from setuptools import find_packages, setup
+
+setup(
+    name="prdp-jax",
+    version="0.1.0",
+    description="PRDP (and DDPO) reward finetuning of text-to-image diffusion models in JAX/Flax",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["prdp_jax", "prdp_jax.*"]),
+    install_requires=[
+        "jax==0.10.2",
+        "jaxlib==0.10.2",
+        "flax==0.12.8",
+        "optax==0.2.8",
+        "orbax-checkpoint==0.12.8",
+        "chex==0.1.92",
+        "ml-collections==1.1.0",
+        "absl-py>=2.0",
+        "numpy>=1.26",
+        "pillow>=10.0",
+        "safetensors>=0.4",
+        "tensorboardX>=2.6",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        # PyTorch references for numerical parity tests only; never imported by the trainer.
+        "test": ["pytest>=8.0", "torch==2.13.0", "diffusers==0.42.1", "transformers==5.24.0"],
+    },
+)

@@ -1,0 +1,149 @@
+"""The trainer end to end: 1 vs 8 devices, exact resume, bad checkpoints, a reward that rises."""
+import importlib.util
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from prdp_jax import pipeline as pipeline_lib
+from prdp_jax import prompts as prompt_sets
+from prdp_jax import rewards, sharding, train
+from prdp_jax.errors import CheckpointError, ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name, recipe=""):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(recipe)
+
+
+def build(config):
+    mesh = sharding.mesh_from_config(config.mesh)
+    pipe = pipeline_lib.build(config, mesh)
+    return train.Trainer(config, pipe, mesh, log=lambda *a: None), pipe
+
+
+def host(tree):
+    return jax.tree.map(np.asarray, tree)
+
+
+def rel_err(a, b):
+    a, b = jax.tree.leaves(a), jax.tree.leaves(b)
+    num = sum(float(np.sum((np.asarray(x) - np.asarray(y)) ** 2)) for x, y in zip(a, b))
+    return (num / sum(float(np.sum(np.asarray(y) ** 2)) for y in b)) ** 0.5
+
+
+@pytest.mark.parametrize("method", ["prdp", "ddpo"])
+def test_one_device_equals_eight_devices(method):
+    """Given the same sampled epoch, loss, gradient and one update agree across mesh sizes."""
+    results = {}
+    sampled = None
+    for devices in (1, 8):
+        config = tiny_config(method, **{"mesh.devices": devices, "train.microbatch_trajectories": 8,
+                                        "train.passes_per_epoch": 1})
+        trainer, pipe = build(config)
+        frozen, ref = pipe.frozen_params(), pipe.unet_params()
+        state = trainer.init_state(pipe.unet_params())
+        if sampled is None:
+            prompts = prompt_sets.PromptSampler(prompt_sets.load("animal_names"), 0).sample(4)
+            reward = rewards.combine({"jpeg_compressibility": 1.0})
+            sampled = host(trainer.sample_epoch(state, frozen, prompts, 0, reward, False))
+            advantages = np.random.default_rng(0).normal(size=16).astype(np.float32)
+        epoch_data, info = trainer.prepare_epoch(state.params, ref, sampled, advantages, 0)
+        # A step after theta moved, so the clip and the max are both active.
+        params = jax.tree.map(lambda p: p * 1.02, state.params)
+        loss, grads, aux = trainer.minibatch_gradient(params, epoch_data, sampled["uncond"], 1)
+        new_params, _, _ = trainer._apply(params, state.opt_state, grads)
+        assert len(jax.tree.leaves(new_params)[0].sharding.device_set) == devices
+        results[devices] = host(dict(loss=loss, grads=grads, params=new_params, aux=aux,
+                                     old=epoch_data.log_probs_old, ref=epoch_data.log_probs_ref))
+    one, eight = results[1], results[8]
+    assert float(one["aux"]["clip_frac"]) > 0
+    np.testing.assert_allclose(eight["old"], one["old"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(eight["ref"], one["ref"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(eight["loss"], one["loss"], rtol=1e-5)
+    assert rel_err(eight["grads"], one["grads"]) < 1e-5
+    assert rel_err(eight["params"], one["params"]) < 1e-5
+
+
+@pytest.mark.parametrize("method", ["prdp", "ddpo"])
+def test_resume_is_exact(tmp_path, method):
+    straight = train.train_and_evaluate(tiny_config(method, **{"train.epochs": 4}),
+                                        str(tmp_path / "straight"), log=lambda *a: None)
+    train.train_and_evaluate(tiny_config(method, **{"train.epochs": 2}), str(tmp_path / "resumed"),
+                             log=lambda *a: None)
+    logs = []
+    resumed = train.train_and_evaluate(tiny_config(method, **{"train.epochs": 4}),
+                                       str(tmp_path / "resumed"), log=logs.append)
+    assert any("resumed from" in line for line in logs)
+    a, b = host(straight["state"]), host(resumed["state"])
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y)
+    rows = lambda d: [json.loads(l) for l in open(tmp_path / d / "metrics.jsonl")]
+    assert [r["epoch"] for r in rows("resumed")] == [1, 2, 3, 4]
+    assert [r["reward_mean"] for r in rows("resumed")] == [r["reward_mean"] for r in rows("straight")]
+
+
+def test_bad_checkpoints_are_refused_with_one_line(tmp_path):
+    config = tiny_config(**{"train.epochs": 1})
+    workdir = tmp_path / "run"
+    train.train_and_evaluate(config, str(workdir), log=lambda *a: None)
+    ckpt = workdir / "checkpoints" / "1"
+    # A model of another shape: the stored fingerprint disagrees.
+    other = tiny_config(**{"train.epochs": 2, "model.unet.block_out_channels": (16, 16)})
+    with pytest.raises(CheckpointError, match="different config.*block_out_channels"):
+        train.train_and_evaluate(other, str(workdir), log=lambda *a: None)
+    # Corrupted array data.
+    for root, _, files in os.walk(ckpt / "state"):
+        for f in files:
+            path = os.path.join(root, f)
+            if os.path.getsize(path) > 1000:
+                with open(path, "r+b") as fh:
+                    fh.truncate(100)
+    with pytest.raises(CheckpointError) as err:
+        train.train_and_evaluate(tiny_config(**{"train.epochs": 2}), str(workdir), log=lambda *a: None)
+    assert "\n" not in str(err.value) and "checkpoint" in str(err.value)
+    # Foreign content where checkpoints should be.
+    shutil.rmtree(workdir / "checkpoints")
+    os.makedirs(workdir / "checkpoints" / "not-ours")
+    with pytest.raises(CheckpointError, match="no prdp-jax checkpoint"):
+        train.train_and_evaluate(config, str(workdir), log=lambda *a: None)
+
+
+def test_unwritable_workdir_is_refused(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match="cannot be written"):
+        train.train_and_evaluate(tiny_config(), str(blocker / "run"), log=lambda *a: None)
+
+
+def test_impossible_batches_are_refused():
+    with pytest.raises(ConfigError, match="images_per_prompt must be >= 2"):
+        train.train_and_evaluate(tiny_config(**{"train.images_per_prompt": 1}), "/tmp/unused")
+    config = tiny_config(**{"mesh.devices": 8, "train.images_per_prompt": 3,
+                            "train.prompts_per_epoch": 8, "train.prompts_per_minibatch": 4})
+    with pytest.raises(ConfigError, match="not divisible by the 8 batch shards"):
+        build(config)
+
+
+def test_jpeg_reward_rises_in_a_short_run(tmp_path):
+    """The README's first config: PRDP from a random init raises JPEG compressibility."""
+    config = load_config("jpeg_tiny")
+    config.train.epochs = 6
+    config.log.progress = False
+    out = train.train_and_evaluate(config, str(tmp_path), log=lambda *a: None)
+    rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+    first, last = rows[0], rows[-1]
+    n = config.train.prompts_per_epoch * config.train.images_per_prompt
+    stderr = max(first["reward_std"], last["reward_std"]) / np.sqrt(n)
+    assert last["reward_mean"] - first["reward_mean"] > max(0.015, 5 * stderr)
+    assert out["metrics"]["drift"] > 0
+    assert os.path.exists(tmp_path / "samples" / "epoch_00001.png")
+    assert os.path.isdir(tmp_path / "tensorboard")
