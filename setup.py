@@ -21,6 +21,7 @@ setup(
         "numpy>=1.26",
         "pillow>=10.0",
         "safetensors>=0.4",
+        "scipy>=1.11",
         "tensorboardX>=2.6",
         "tqdm>=4.66",
     ],

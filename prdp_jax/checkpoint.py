@@ -21,9 +21,18 @@ FORMAT = "prdp-jax/1"
 
 
 class Checkpointer:
-    def __init__(self, directory: str, max_to_keep: int, fingerprint: dict):
+    """Saves and restores (state, meta) per epoch; refuses foreign or mismatched directories.
+
+    `what` names the contents in error messages, `mismatch_advice` says how to fix a mismatch.
+    """
+
+    def __init__(self, directory: str, max_to_keep: int, fingerprint: dict,
+                 what: str = "checkpoint",
+                 mismatch_advice: str = "use a new --workdir or the old config"):
         self.directory = os.path.abspath(directory)
         self.fingerprint = fingerprint
+        self.what = what
+        self.mismatch_advice = mismatch_advice
         if os.path.exists(self.directory) and not os.path.isdir(self.directory):
             raise CheckpointError(f"{self.directory} exists and is not a directory")
         try:
@@ -68,8 +77,8 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint {where} is not a {FORMAT} checkpoint")
         diff = _differences(meta.get("fingerprint", {}), self.fingerprint)
         if diff:
-            raise CheckpointError(f"checkpoint {where} was written with a different config "
-                                  f"({'; '.join(diff[:3])}); use a new --workdir or the old config")
+            raise CheckpointError(f"{self.what} {where} was written with a different config "
+                                  f"({'; '.join(diff[:3])}); {self.mismatch_advice}")
         try:
             state = self.manager.restore(epoch, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state)))["state"]

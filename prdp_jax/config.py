@@ -124,6 +124,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.rules = ()               # 'regex=spec' param sharding rules, e.g. 'kernel$=-,-,-,fsdp'.
     c.mesh.fsdp_min_size = 2 ** 14  # Unmatched params smaller than this stay replicated.
 
+    # ---- Evaluation (fixed seeds, before and after training) ----
+    c.eval = e = ml_collections.ConfigDict()
+    e.sets = ()                     # Registered prompt sets to evaluate; () = no evaluation.
+    e.samples_per_prompt = 4        # Images per prompt (sample j of prompt i has a fixed key).
+    e.max_prompts = 0               # Evaluate only the first this many prompts of a set (0 = all).
+    e.batch_size = 64               # Trajectories per evaluation sampler call.
+    e.seed = 2024                   # Evaluation noise seed, shared by every method and run.
+
     # ---- Checkpoints, logging ----
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_epochs = 1   # Save every this many epochs (and at the end).
@@ -170,6 +178,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
                           f"got {c.ddpo.normalization!r}")
     if c.model.dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"model.dtype must be 'float32' or 'bfloat16', got {c.model.dtype!r}")
+    if c.eval.sets and (c.eval.samples_per_prompt < 1 or c.eval.batch_size < 1):
+        raise ConfigError("eval.samples_per_prompt and eval.batch_size must be >= 1")
     if c.mesh.devices < 0:
         raise ConfigError(f"mesh.devices must be 0 (all) or a positive count, got {c.mesh.devices}")
     if c.checkpoint.every_epochs < 1:

@@ -1,8 +1,9 @@
 """A text-to-image pipeline: tokenizer, text encoder, UNet, decoder and their frozen weights.
 
-`build(config, mesh)` returns the modules and a `load_*` function per weight set, each of which
-materialises straight into its sharded layout: the trainable UNet start, the frozen reference UNet
-(loaded from its own source, never from a training checkpoint) and the frozen text encoder.
+`build(config, mesh)` returns the modules and one function per weight set, each of which
+materialises straight into its sharded layout: the UNet start (called once for the trainable
+params and once for the frozen reference, which is loaded from its own source, never from a
+training checkpoint) and the frozen text encoder.
 """
 from __future__ import annotations
 
@@ -97,15 +98,23 @@ def init_sharded(module, mesh: Mesh, config: ml_collections.ConfigDict, key: jax
     return init, abstract, shardings
 
 
-def build(config: ml_collections.ConfigDict, mesh: Mesh, extra_prompts: Sequence[str] = ()) -> Pipeline:
-    """Builds the pipeline named by `config.model.source`."""
-    if config.model.source != "random":
-        raise ConfigError(f"model.source {config.model.source!r} is not known; use 'random'")
-    if config.model.tokenizer != "word":
-        raise ConfigError(f"model.tokenizer {config.model.tokenizer!r} is not known; use 'word'")
-    vocab_prompts = list(prompt_sets.load(config.prompts.train, config)) + list(extra_prompts)
-    tokenizer = WordTokenizer.from_prompts(
-        vocab_prompts + [""], max_length=config.model.text_encoder.max_position_embeddings)
+def build(config: ml_collections.ConfigDict, mesh: Mesh, log=print) -> Pipeline:
+    """Builds the pipeline named by `config.model.source`:
+
+    'random': a fresh init from `model.init_seed` (reference = init), word tokenizer over the
+      training prompt set's vocabulary;
+    'world': the embedded world's base model, pretrained on first use and cached (world/base.py).
+    """
+    source = config.model.source
+    if source not in ("random", "world"):
+        raise ConfigError(f"model.source must be 'random' or 'world', got {source!r}")
+    length = config.model.text_encoder.max_position_embeddings
+    if source == "world":
+        from prdp_jax.world import grammar
+        tokenizer = WordTokenizer(grammar.VOCABULARY, max_length=length)
+    else:
+        vocab_prompts = list(prompt_sets.load(config.prompts.train, config)) + [""]
+        tokenizer = WordTokenizer.from_prompts(vocab_prompts, max_length=length)
     unet = unet_from_config(config)
     text_encoder = text_encoder_from_config(config, tokenizer.vocab_size)
     if unet.cross_attention_dim != text_encoder.hidden_size:
@@ -113,17 +122,30 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, extra_prompts: Sequence
                           f"model.text_encoder.hidden_size={text_encoder.hidden_size}")
     size = unet.sample_size
     latent_shape = (size, size, unet.in_channels)
-    length = tokenizer.max_length
     key_unet, key_text = jax.random.split(jax.random.key(config.model.init_seed))
-    unet_init, abstract, shardings = init_sharded(
+    unet_init, abstract, unet_shardings = init_sharded(
         unet, mesh, config, key_unet, jnp.zeros((1,) + latent_shape), jnp.zeros((1,), jnp.int32),
         jnp.zeros((1, length, unet.cross_attention_dim)))
-    text_init, _, _ = init_sharded(text_encoder, mesh, config, key_text,
-                                   jnp.zeros((1, length), jnp.int32))
+    text_init, _, text_shardings = init_sharded(text_encoder, mesh, config, key_text,
+                                                jnp.zeros((1, length), jnp.int32))
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            abstract, shardings)
+                            abstract, unet_shardings)
+    if source == "random":
+        unet_params = lambda: unet_init(key_unet)
+        frozen_params = lambda: {"text_encoder": text_init(key_text)}
+    else:
+        from prdp_jax.world import base
+        shardings = {"unet": unet_shardings, "text_encoder": text_shardings}
+        params = base.load_or_pretrain(
+            config, mesh, unet, text_encoder, tokenizer,
+            {"unet": unet_init(key_unet), "text_encoder": text_init(key_text)}, shardings, log=log,
+            show_progress=bool(config.log.progress) and jax.process_index() == 0)
+        # A fresh copy per call: the trainable params are donated, the reference must survive.
+        copy = lambda tree, shard: jax.tree.map(
+            lambda a, s: jax.device_put(a, s, may_alias=False), tree, shard)
+        unet_params = lambda: copy(params["unet"], unet_shardings)
+        frozen_params = lambda: {"text_encoder": params["text_encoder"]}
     return Pipeline(
         unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, latent_shape=latent_shape,
-        decode=pixel_decode, unet_params=lambda: unet_init(key_unet),
-        frozen_params=lambda: {"text_encoder": text_init(key_text)},
+        decode=pixel_decode, unet_params=unet_params, frozen_params=frozen_params,
         abstract_unet_params=abstract)

@@ -29,12 +29,19 @@ def register(name: str):
     return deco
 
 
+def _import_builtin() -> None:
+    # Importing a module registers its prompt sets.
+    from prdp_jax.world import prompts  # noqa: F401
+
+
 def names() -> tuple[str, ...]:
+    _import_builtin()
     return tuple(sorted(_REGISTRY))
 
 
 def load(name: str, config=None) -> list[str]:
     """The prompts of a registered set; one clear error for an unknown name or an empty set."""
+    _import_builtin()
     if name not in _REGISTRY:
         raise ConfigError(f"unknown prompt set {name!r}; known: {', '.join(names())}")
     prompts = list(_REGISTRY[name](config))

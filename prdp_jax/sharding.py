@@ -165,6 +165,16 @@ def parse_rules(rules: Sequence[str]) -> list[tuple[str, str]]:
     return out
 
 
+def put(array: np.ndarray, target: NamedSharding) -> jax.Array:
+    """A host array that every process holds in full -> a global array with `target` sharding.
+
+    Each process copies only the shards its own devices hold, so this works on one host and on a
+    pod alike.
+    """
+    array = np.asarray(array)
+    return jax.make_array_from_callback(array.shape, target, lambda index: array[index])
+
+
 def host_local_rows(sharding: NamedSharding, global_rows: int) -> np.ndarray:
     """The sorted global row indices of a batch-sharded array held by this process's devices."""
     index_map = sharding.addressable_devices_indices_map((global_rows,))

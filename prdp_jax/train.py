@@ -10,6 +10,7 @@ explicit shardings and compiled ahead of time; compile times and memory are logg
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 import time
@@ -25,7 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from prdp_jax import checkpoint as ckpt_lib
 from prdp_jax import config as config_lib
-from prdp_jax import ddpo, diffusion, metrics as metrics_lib, pipeline as pipeline_lib
+from prdp_jax import ddpo, diffusion, evaluate, metrics as metrics_lib, pipeline as pipeline_lib
 from prdp_jax import prompts as prompt_sets
 from prdp_jax import rdp, rewards as rewards_lib, sampler, sharding, update
 from prdp_jax.errors import ConfigError
@@ -204,6 +205,7 @@ class Trainer:
         self.repl = sharding.replicated(mesh)
         self.epoch_sharding = NamedSharding(mesh, P(None, sharding.BATCH_AXES))
         self.constrain = sharding.constrain_batch(mesh)
+        self._scalars: dict[int, jax.Array] = {}
         self._build_steps()
 
     # -- state ----------------------------------------------------------------------------------
@@ -223,7 +225,8 @@ class Trainer:
         abstract = self.abstract_state()
         opt_shardings = jax.tree.map(lambda a: a.sharding, abstract.opt_state)
         opt_state = jax.jit(self.optimizer.init, out_shardings=opt_shardings)(params)
-        key = jax.device_put(jax.random.key_data(jax.random.key(self.config.seed)), self.repl)
+        key = sharding.put(np.asarray(jax.random.key_data(jax.random.key(self.config.seed))),
+                           self.repl)
         return TrainState(params=params, opt_state=opt_state, key=key)
 
     # -- compiled steps ---------------------------------------------------------------------------
@@ -231,7 +234,6 @@ class Trainer:
     def _build_steps(self) -> None:
         c, pipe, ps = self.config, self.pipe, self.param_shardings
         batch, repl, ep = self.batch, self.repl, self.epoch_sharding
-        frozen_abstract = self.frozen_abstract = None
         partial = functools.partial
         self._encode = jax.jit(partial(encode_prompts, pipe), out_shardings=repl)
         self._sample = jax.jit(
@@ -255,10 +257,16 @@ class Trainer:
                               out_shardings=(ps, None, repl), donate_argnums=(0, 1))
         self._zeros = jax.jit(lambda p: jax.tree.map(jnp.zeros_like, p), out_shardings=ps)
         self._take = jax.jit(lambda x, m: x[m], out_shardings=batch)
-        del frozen_abstract
+
+    def scalar(self, i: int) -> jax.Array:
+        """A replicated int32 scalar (compiled steps take indices as device arrays)."""
+        if i not in self._scalars:
+            self._scalars[i] = sharding.put(np.int32(i), self.repl)
+        return self._scalars[i]
 
     def compile(self, frozen) -> dict:
-        """Compiles the sampler, scorer, gradient and optimiser steps ahead of time.
+        """Compiles the sampler, scorer, gradient and optimiser steps ahead of time and uses the
+        compiled executables from then on.
 
         Returns {name: seconds}; also logs XLA's memory analysis of each.
         """
@@ -292,6 +300,8 @@ class Trainer:
             start = time.perf_counter()
             compiled = fn.lower(*args).compile()
             times[name] = time.perf_counter() - start
+            setattr(self, {"sample": "_sample", "score": "_score", "grad_tile": "_grad",
+                           "apply": "_apply"}[name], compiled)
             mem = compiled.memory_analysis()
             mem_txt = ""
             if mem is not None:
@@ -310,7 +320,8 @@ class Trainer:
         ids = self.pipe.tokenizer(list(prompts))
         prompt_context = self._encode(frozen, ids)
         uncond = self._encode(frozen, self.pipe.tokenizer([""]))
-        key = jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(state.key), epoch))
+        key = jax.device_put(jax.random.key_data(jax.random.fold_in(
+            jax.random.wrap_key_data(state.key), epoch)), self.repl)
         batches, rewards, infos = [], [], []
         grid_rows = min(c.log.grid_prompts, self.num_prompts) * B
         grid_images = []
@@ -321,7 +332,7 @@ class Trainer:
             t0 = time.perf_counter()
             index = np.arange(i * self.sample_size, (i + 1) * self.sample_size, dtype=np.int32)
             traj, images = jax.block_until_ready(self._sample(
-                state.params, frozen, prompt_context, uncond, key, jax.device_put(index, self.batch)))
+                state.params, frozen, prompt_context, uncond, key, sharding.put(index, self.batch)))
             batches.append(traj)
             t1 = time.perf_counter()
             sample_time += t1 - t0
@@ -329,7 +340,12 @@ class Trainer:
             meta = [{"prompt_index": int(g // B)} for g in index]
             host_images = images if reward_fn.on_device else np.asarray(images)
             value, info = reward_fn(host_images, traj_prompts, meta)
-            rewards.append(np.asarray(value, np.float32))
+            value = np.asarray(value, np.float32)
+            if value.shape != (self.sample_size,):
+                raise ConfigError(f"reward {', '.join(self.config.reward.weights)} returned shape "
+                                  f"{value.shape} for {self.sample_size} images; a reward must "
+                                  f"return one float per image")
+            rewards.append(value)
             infos.append({k: np.asarray(v) for k, v in info.items()})
             keep = index < grid_rows
             if keep.any():
@@ -359,11 +375,11 @@ class Trainer:
         t0 = time.perf_counter()
         uncond = sampled["uncond"]
         perm = self.prompt_permutation(epoch, 0)
+        put = lambda x: sharding.put(np.asarray(x), self.repl)
         epoch_data = self._arrange(sampled["batches"], sampled["prompt_context"],
-                                   jnp.asarray(sampled["rewards"]), jnp.asarray(advantages),
-                                   jnp.asarray(perm))
+                                   put(sampled["rewards"]), put(advantages), put(perm))
         sampler_log_probs = epoch_data.log_probs_old
-        ms = [np.int32(m) for m in range(self.num_minibatches)]
+        ms = [self.scalar(m) for m in range(self.num_minibatches)]
         old = jnp.stack([self._score(params, epoch_data, uncond, m) for m in ms])
         ref = jnp.stack([self._score(ref_params, epoch_data, uncond, m) for m in ms])
         mismatch = float(jnp.abs(old - sampler_log_probs).max())
@@ -386,9 +402,10 @@ class Trainer:
         for k, m in progress(steps, desc=f"epoch {epoch + 1} update", leave=False,
                              enabled=show_progress):
             if m == 0 and k > 0:
-                epoch_data = self._rearrange(epoch_data, jnp.asarray(self._relative_perm(epoch, k)))
+                epoch_data = self._rearrange(epoch_data, sharding.put(self._relative_perm(epoch, k),
+                                                                      self.repl))
             # At the first step the params are still theta_old, whose log-probs were just scored.
-            log_probs = self._take(epoch_data.log_probs_old, np.int32(0)) if k == m == 0 else None
+            log_probs = self._take(epoch_data.log_probs_old, self.scalar(0)) if k == m == 0 else None
             loss, grads, aux = self.minibatch_gradient(params, epoch_data, uncond, m, log_probs)
             params, opt_state, grad_norm = self._apply(params, opt_state, grads)
             records.append(dict(loss=loss, grad_norm=grad_norm, **aux))
@@ -407,14 +424,14 @@ class Trainer:
         Returns:
           (loss, grads shaped like params, aux dict).
         """
-        mi = np.int32(m)
+        mi = self.scalar(m)
         if log_probs is None:
             log_probs = self._score(params, epoch_data, uncond, mi)
         loss, weights, aux = self._weights(epoch_data, mi, log_probs)
         grads = self._zeros(params)
         for j, c in zip(*self.tiling.tile_indices()):
-            grads = self._grad(params, epoch_data, uncond, weights, mi, np.int32(j), np.int32(c),
-                               grads)
+            grads = self._grad(params, epoch_data, uncond, weights, mi, self.scalar(int(j)),
+                               self.scalar(int(c)), grads)
         return loss, grads, aux
 
     def _relative_perm(self, epoch: int, pass_index: int) -> np.ndarray:
@@ -493,7 +510,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
     mesh = sharding.mesh_from_config(config.mesh)
     reward_fn = rewards_lib.combine(dict(config.reward.weights), config)
     train_prompts = prompt_sets.load(config.prompts.train, config)
-    pipe = pipeline_lib.build(config, mesh)
+    pipe = pipeline_lib.build(config, mesh, log=say)
     trainer = Trainer(config, pipe, mesh, log=say)
     for line in trainer.summary():
         say(line)
@@ -521,6 +538,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
     if is_main:
         metrics_lib.atomic_write_json(os.path.join(workdir, "config.json"), config.to_dict())
     trainer.compile(frozen)
+    evaluator = evaluate.Evaluator(config, pipe, mesh, reward_fn) if config.eval.sets else None
+    before = None
+    if evaluator is not None:
+        before = read_json(os.path.join(workdir, "eval", "before.json"))
+        if before is None:
+            say("evaluating the reference (before finetuning)")
+            before = evaluator.run_sets(ref_params, None, frozen, "before", workdir,
+                                        bool(config.log.progress) and is_main)
+        for line in evaluate.table(before):
+            say(line)
 
     last = {}
     show = bool(config.log.progress) and is_main
@@ -552,7 +579,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
             checkpointer.save(done, state, meta)
     checkpointer.close()
     writer.close()
-    return {"metrics": last, "state": state, "trainer": trainer}
+    result = {"metrics": last, "state": state, "trainer": trainer}
+    if evaluator is not None:
+        say("evaluating the finetuned model")
+        after = evaluator.run_sets(state.params, ref_params, frozen, "after", workdir,
+                                   bool(config.log.progress) and is_main)
+        lines = evaluate.table(before, after)
+        for line in lines:
+            say(line)
+        if is_main:
+            metrics_lib.atomic_write_json(os.path.join(workdir, "eval", "summary.json"),
+                                          {"before": before, "after": after, "table": lines,
+                                           "epochs": config.train.epochs, "method": config.method})
+        result.update(before=before, after=after)
+    return result
+
+
+def read_json(path: str):
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def save_sample_grid(workdir: str, epoch: int, sampled: dict, config) -> None:

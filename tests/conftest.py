@@ -48,6 +48,11 @@ def tiny_config(method: str = "prdp", **overrides):
     c.log.progress = False
     c.log.compile_cache = CACHE
     c.log.grid_every_epochs = 1000
+    return override(c, **overrides)
+
+
+def override(c, **overrides):
+    """Sets dotted fields: override(c, **{"train.epochs": 3})."""
     for key, value in overrides.items():
         node = c
         *parents, leaf = key.split(".")

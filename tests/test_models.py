@@ -29,6 +29,11 @@ UNET_CASES = {
     "sd2-like": dict(attention_head_dim=(2, 4), use_linear_projection=True, layers_per_block=1,
                      down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                      up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D")),
+    # diffusers' projection class embedding, fed with the mean text-context vector
+    "class-projection": dict(attention_head_dim=4, layers_per_block=1, class_embed_type="projection",
+                             projection_class_embeddings_input_dim=24,
+                             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D")),
 }
 
 
@@ -40,6 +45,7 @@ def test_unet_matches_diffusers(case):
     ref = randomize(UNet2DConditionModel(**kw))
     ours_kw = dict(kw)
     ours_kw["num_attention_heads"] = ours_kw.pop("attention_head_dim")
+    ours_kw.pop("projection_class_embeddings_input_dim", None)
     ours = UNet(**ours_kw)
     abstract = jax.eval_shape(lambda: ours.init(jax.random.key(0), jnp.zeros((1, 16, 16, 4)),
                                                 jnp.zeros((1,), jnp.int32), jnp.zeros((1, 5, 24))))
@@ -49,9 +55,10 @@ def test_unet_matches_diffusers(case):
     ctx = rng.normal(size=(2, 5, 24)).astype(np.float32)
     t = np.array([10, 981])
     got = np.asarray(jax.jit(ours.apply)({"params": params}, x, t, ctx))
+    class_labels = torch.from_numpy(ctx.mean(1)) if "class_embed_type" in kw else None
     with torch.no_grad():
-        want = ref(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(t),
-                   torch.from_numpy(ctx)).sample.permute(0, 2, 3, 1).numpy()
+        want = ref(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(t), torch.from_numpy(ctx),
+                   class_labels=class_labels).sample.permute(0, 2, 3, 1).numpy()
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
     # And back: our params export to exactly the reference state dict.
     exported = params_to_state_dict(params)

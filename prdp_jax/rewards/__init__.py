@@ -85,3 +85,4 @@ def _with_component(name: str, reward: Reward) -> Reward:
 def _import_builtin() -> None:
     # Importing a module registers its rewards.
     from prdp_jax.rewards import jpeg  # noqa: F401
+    from prdp_jax.world import alignment  # noqa: F401

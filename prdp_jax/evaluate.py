@@ -1,0 +1,169 @@
+"""Fixed-seed evaluation: the same noise for the same (prompt, sample) in every method and run.
+
+Sample j of prompt i of an evaluation set always uses the key fold_in(fold_in(key(seed), i), j),
+whatever the batch size or device count. For each set we report the reward's mean and standard
+error (over prompts, each prompt averaging its samples), every reward component, and the drift
+from the reference: the mean per-step log-ratio log pi_theta - log pi_ref over the evaluation
+trajectories (0 for the reference itself).
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from prdp_jax import diffusion, metrics as metrics_lib, sampler, sharding, update
+from prdp_jax import pipeline as pipeline_lib
+from prdp_jax import prompts as prompt_sets
+from prdp_jax.errors import ConfigError
+from prdp_jax.progress import progress
+
+
+def _sample_and_score(pipe, coeffs, tiling, guidance_scale, reduce, constrain, params, ref_params,
+                      frozen, prompt_context, uncond, key_data, prompt_index, sample_index):
+    """Samples a batch with fixed per-(prompt, sample) keys.
+
+    Returns:
+      (images [b, H, W, 3], drift [b]: the mean per-step log pi_params - log pi_ref of each
+      trajectory, with log pi_params recorded by the sampler and log pi_ref re-scored; exactly 0
+      when ref_params is None, i.e. when evaluating the reference itself).
+    """
+    base = jax.random.wrap_key_data(key_data)
+    keys = jax.vmap(lambda i, j: jax.random.fold_in(jax.random.fold_in(base, i), j))(
+        prompt_index, sample_index)
+    context = constrain(prompt_context[prompt_index])
+    traj = sampler.sample(pipe.denoiser, params, coeffs, context, uncond, keys,
+                          latent_shape=pipe.latent_shape, guidance_scale=guidance_scale,
+                          reduce=reduce, constrain=constrain)
+    images = constrain(pipe.decode(frozen, traj.final))
+    if ref_params is None:
+        return images, jnp.zeros(context.shape[:1], jnp.float32)
+    zeros = jnp.zeros(context.shape[:1], jnp.float32)
+    mb = update.Minibatch(traj.latents, context, traj.log_probs, traj.log_probs, zeros, zeros)
+    ref = update.score(pipe.denoiser, ref_params, mb, uncond, coeffs, tiling,
+                       guidance_scale=guidance_scale, reduce=reduce, constrain=constrain)
+    return images, (traj.log_probs - ref).mean(-1)
+
+
+class Evaluator:
+    """Compiles one fixed-size sampling+scoring step and evaluates prompt sets with it."""
+
+    def __init__(self, config: ml_collections.ConfigDict, pipe: pipeline_lib.Pipeline, mesh,
+                 reward_fn):
+        self.config, self.pipe, self.mesh, self.reward_fn = config, pipe, mesh, reward_fn
+        e = config.eval
+        self.batch = e.batch_size
+        shards = sharding.batch_shards(mesh)
+        if self.batch % shards:
+            raise ConfigError(f"eval.batch_size={self.batch} is not divisible by the {shards} batch "
+                              f"shards (mesh.data x mesh.fsdp)")
+        schedule = diffusion.make_schedule(**config.schedule.to_dict())
+        self.num_steps = config.sample.num_steps
+        coeffs = diffusion.step_coefficients(schedule, self.num_steps, config.sample.eta)
+        t = config.train
+        traj = min(t.microbatch_trajectories, self.batch)
+        traj -= traj % shards
+        tiling = update.Tiling(self.batch, self.num_steps, trajectories=max(traj, shards),
+                               steps=t.microbatch_steps, shards=shards)
+        batch = sharding.batch_sharding(mesh)
+        self.batch_sharding = batch
+        self.repl = sharding.replicated(mesh)
+        self._step = jax.jit(functools.partial(
+            _sample_and_score, pipe, coeffs, tiling, config.sample.guidance_scale,
+            config.sample.logprob_reduction, sharding.constrain_batch(mesh)),
+            out_shardings=(batch, batch))
+        self._encode = jax.jit(pipe.encode_text, out_shardings=self.repl)
+
+    def run(self, params, ref_params, frozen, prompts: Sequence[str], samples_per_prompt: int,
+            name: str = "", grid_path: str | None = None, show_progress: bool = True) -> dict:
+        """Evaluates one prompt set; returns a JSON-ready dict of statistics.
+
+        ref_params=None evaluates `params` as the reference itself (drift 0).
+        """
+        t0 = time.perf_counter()
+        prompts = list(prompts)
+        P, S = len(prompts), samples_per_prompt
+        total = P * S
+        padded = math.ceil(total / self.batch) * self.batch
+        prompt_index = np.minimum(np.arange(padded) // S, P - 1).astype(np.int32)
+        sample_index = (np.arange(padded) % S).astype(np.int32)
+        context = self._encode(frozen, self.pipe.tokenizer(prompts))
+        uncond = self._encode(frozen, self.pipe.tokenizer([""]))
+        key = sharding.put(jax.random.key_data(jax.random.key(self.config.eval.seed)), self.repl)
+        rewards, drifts, infos, grid = [], [], [], []
+        batches = range(0, padded, self.batch)
+        for start in progress(batches, desc=f"eval {name}", leave=False,
+                              enabled=show_progress and len(batches) > 1):
+            sl = slice(start, start + self.batch)
+            images, drift = self._step(
+                params, ref_params, frozen, context, uncond, key,
+                sharding.put(prompt_index[sl], self.batch_sharding),
+                sharding.put(sample_index[sl], self.batch_sharding))
+            images = np.asarray(images)
+            keep = np.arange(start, start + self.batch) < total
+            batch_prompts = [prompts[i] for i in prompt_index[sl]]
+            value, info = self.reward_fn(images, batch_prompts,
+                                         [{"prompt_index": int(i)} for i in prompt_index[sl]])
+            rewards.append(np.asarray(value, np.float32)[keep])
+            infos.append({k: np.asarray(v)[keep] for k, v in info.items() if np.ndim(v) == 1})
+            drifts.append(np.asarray(drift)[keep])
+            if grid_path is not None:
+                grid.append(images[keep & (prompt_index[sl] < 4)])
+        rewards, drift = np.concatenate(rewards), np.concatenate(drifts)
+        per_prompt = rewards.reshape(P, S).mean(1)
+        out = {
+            "set": name, "prompts": P, "samples_per_prompt": S,
+            "reward_mean": float(rewards.mean()),
+            "reward_se": float(per_prompt.std(ddof=1) / math.sqrt(P)) if P > 1 else 0.0,
+            "drift_mean": float(drift.mean()),
+            "drift_se": float(drift.reshape(P, S).mean(1).std(ddof=1) / math.sqrt(P)) if P > 1 else 0.0,
+            "components": {k: float(np.concatenate([d[k] for d in infos]).mean()) for k in infos[0]},
+            "seconds": time.perf_counter() - t0,
+        }
+        if grid_path is not None and grid:
+            images = np.concatenate(grid)
+            rows = min(4, P)
+            captions = [f"{prompts[i // S][:48]}\n{rewards[i]:.3f}" for i in range(rows * S)]
+            metrics_lib.save_grid(grid_path, images[:rows * S], captions, columns=S)
+        return out
+
+    def run_sets(self, params, ref_params, frozen, label: str, workdir: str,
+                 show_progress: bool = True) -> dict:
+        """Evaluates every set of `config.eval.sets`; writes eval/<label>.json and grids."""
+        results = {}
+        for name in self.config.eval.sets:
+            prompts = prompt_sets.load(name, self.config)
+            limit = self.config.eval.max_prompts
+            prompts = prompts[:limit] if limit else prompts
+            results[name] = self.run(params, ref_params, frozen, prompts,
+                                     self.config.eval.samples_per_prompt, name,
+                                     os.path.join(workdir, "eval", f"{label}_{name}.png"),
+                                     show_progress)
+        if jax.process_index() == 0:
+            os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
+            metrics_lib.atomic_write_json(os.path.join(workdir, "eval", f"{label}.json"), results)
+        return results
+
+
+def table(before: dict, after: dict | None = None) -> list[str]:
+    """A before/after table, one row per evaluation set."""
+    head = f"{'set':<20} {'prompts':>7}  {'before':>15}"
+    if after is not None:
+        head += f"  {'after':>15}  {'change':>8}  {'drift (after)':>16}"
+    lines = [head]
+    for name, b in before.items():
+        row = f"{name:<20} {b['prompts']:>7}  {b['reward_mean']:>7.4f} ± {b['reward_se']:.4f}"
+        if after is not None and name in after:
+            a = after[name]
+            row += (f"  {a['reward_mean']:>7.4f} ± {a['reward_se']:.4f}  "
+                    f"{a['reward_mean'] - b['reward_mean']:>+8.4f}  "
+                    f"{a['drift_mean']:>8.4f} ± {a['drift_se']:.4f}")
+        lines.append(row)
+    return lines

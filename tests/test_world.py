@@ -1,0 +1,158 @@
+"""The embedded world: renderer, grammar and splits, the alignment reward, the base cache, and a
+short pretrain + finetune + evaluate run through the main entry point's code path."""
+import dataclasses
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conftest import TINY_UNET, override, tiny_config
+from prdp_jax import train
+from prdp_jax.errors import CheckpointError, PromptError
+from prdp_jax.text import WordTokenizer
+from prdp_jax.world import grammar, render
+from prdp_jax.world.alignment import alignment_scores, score_image
+from prdp_jax.world.config import add_world_sections
+
+
+def scenes(n, seed=0, heldout=None):
+    rng = np.random.default_rng(seed)
+    return [grammar.random_scene(rng, heldout=heldout) for _ in range(n)]
+
+
+def test_renderer_is_deterministic_and_jitter_is_seeded():
+    sc = scenes(20)
+    a, b = render.render_batch(sc), render.render_batch(sc)
+    np.testing.assert_array_equal(a, b)
+    j1 = render.render_batch(sc, jitter_seeds=range(20))
+    j2 = render.render_batch(sc, jitter_seeds=range(20))
+    np.testing.assert_array_equal(j1, j2)
+    assert not np.array_equal(j1, a)
+    assert a.shape == (20, 24, 24, 3) and a.dtype == np.float32 and 0 <= a.min() and a.max() <= 1
+    # Every object is drawn with its exact palette colour and stays inside the image.
+    for s, img in zip(sc, j1):
+        for obj in s.objects:
+            assert (np.abs(img - grammar.COLORS[obj.color]).sum(-1) < 1e-6).sum() > 0
+
+
+def test_captions_round_trip_and_count():
+    for s in scenes(200, heldout=None):
+        assert grammar.parse(s.caption()) == s
+        assert len(s.caption().split()) <= grammar.MAX_WORDS
+    one = len(grammar._single_objects()) * len(grammar.BACKGROUNDS)
+    assert one == 504  # one-object captions; two-object ones number 27,216
+
+
+def test_unknown_words_and_bad_captions_are_named():
+    with pytest.raises(PromptError, match="unknown word 'dragon'"):
+        grammar.parse("a small red dragon at the top on a black background")
+    with pytest.raises(PromptError, match="not a valid scene"):
+        grammar.parse("a small red circle at the top left and a large red square at the bottom right "
+                      "on a black background")
+    with pytest.raises(PromptError, match="is not 'a <size> <colour> <shape> at the <position>'"):
+        grammar.parse("a small red circle at the top on a black background")
+    with pytest.raises(PromptError, match="unknown word 'zebra'"):
+        WordTokenizer(grammar.VOCABULARY, 24)(["a small zebra"])
+
+
+def test_splits_are_seeded_disjoint_and_hold_out_compositions():
+    s = grammar.splits()
+    assert (len(s.small), len(s.large), len(s.large_sample), len(s.heldout)) == (32, 8192, 64, 128)
+    assert len(s.large) >= 5000
+    train_set = set(s.small) | set(s.large)
+    assert len(train_set) == len(s.small) + len(s.large)
+    assert not set(s.small) & set(s.large)
+    assert not set(s.heldout) & train_set
+    assert set(s.large_sample) <= set(s.large)
+    assert all(not grammar.parse(c).is_heldout() for c in train_set)
+    assert all(grammar.parse(c).is_heldout() for c in s.heldout)
+    assert grammar.splits(seed=0) == s and grammar.splits(seed=1).large != s.large
+
+
+def test_ground_truth_scores_high_and_noise_scores_low():
+    sc = scenes(300, seed=1, heldout=None)
+    rewards, info = alignment_scores(render.render_batch(sc), [x.caption() for x in sc])
+    assert rewards.mean() >= 0.95 and rewards.min() > 0.8
+    noise = np.random.default_rng(0).random((100, 24, 24, 3)).astype(np.float32)
+    assert alignment_scores(noise, [x.caption() for x in sc[:100]])[0].mean() < 0.05
+
+
+OTHER = {"color": lambda o: "blue" if o.color != "blue" else "red",
+         "shape": lambda o: {"square": "triangle", "circle": "square", "triangle": "circle"}[o.shape],
+         "position": lambda o: {"top left": "bottom right"}.get(o.position, "top left"),
+         "size": lambda o: "small" if o.size == "large" else "large"}
+ATTRIBUTE = {"color": "colour", "shape": "shape", "position": "position", "size": "size"}
+
+
+@pytest.mark.parametrize("field", sorted(OTHER))
+def test_changing_one_attribute_lowers_that_score(field):
+    rng = np.random.default_rng(3)
+    drops = []
+    for _ in range(40):
+        s = grammar.random_scene(rng, heldout=None, two_object_prob=0.0)
+        obj = s.objects[0]
+        changed = dataclasses.replace(obj, **{field: OTHER[field](obj)})
+        if field == "color" and changed.color == s.background:
+            continue
+        wrong = dataclasses.replace(s, objects=(changed,))
+        truth = score_image(render.render(s), s)
+        scored = score_image(render.render(wrong), s)  # an image of the wrong scene, true caption
+        assert scored["total"] < truth["total"]
+        drops.append(truth[ATTRIBUTE[field]] - scored[ATTRIBUTE[field]])
+    assert np.mean(drops) > 0.5
+
+
+def test_changing_the_background_lowers_its_score():
+    s = scenes(1, seed=5)[0]
+    other = next(b for b in grammar.BACKGROUNDS if b != s.background
+                 and all(o.color != b for o in s.objects))
+    wrong = dataclasses.replace(s, background=other)
+    assert score_image(render.render(wrong), s)["background"] < 0.1
+    assert score_image(render.render(s), s)["background"] > 0.8
+
+
+def tiny_world_config(base_dir, **overrides):
+    c = add_world_sections(tiny_config())
+    c.model.source = "world"
+    c.world.base_dir = str(base_dir)
+    c.world.small_prompts, c.world.large_prompts = 8, 64
+    c.world.large_sample_prompts, c.world.heldout_prompts = 4, 4
+    c.model.unet.update(dict(TINY_UNET, sample_size=24))
+    c.model.text_encoder.max_position_embeddings = 24
+    c.schedule.beta_schedule, c.schedule.beta_start, c.schedule.beta_end = "linear", 1e-4, 0.02
+    c.schedule.timestep_spacing = "trailing"
+    c.schedule.prediction_type = "v_prediction"
+    c.prompts.train = "world_large"
+    c.reward.weights = {"alignment": 1.0}
+    c.pretrain.steps, c.pretrain.batch_size = 6, 8
+    c.eval.sets = ("world_small", "world_heldout")
+    c.eval.samples_per_prompt, c.eval.batch_size, c.eval.max_prompts = 2, 8, 4
+    c.train.epochs = 2
+    return override(c, **overrides)
+
+
+def test_pretrain_finetune_evaluate_smoke(tmp_path):
+    logs = []
+    out = train.train_and_evaluate(tiny_world_config(tmp_path / "base"), str(tmp_path / "run"),
+                                   log=logs.append)
+    assert any("pretraining the world's base model" in line for line in logs)
+    summary = json.load(open(tmp_path / "run" / "eval" / "summary.json"))
+    for label in ("before", "after"):
+        for name in ("world_small", "world_heldout"):
+            r = summary[label][name]
+            assert 0 <= r["reward_mean"] <= 1 and r["prompts"] == 4 and r["samples_per_prompt"] == 2
+            assert {f"alignment/{k}" for k in ("background", "colour", "shape", "position", "size",
+                                               "count")} <= set(r["components"])
+            assert os.path.exists(tmp_path / "run" / "eval" / f"{label}_{name}.png")
+    assert summary["before"]["world_small"]["drift_mean"] == 0.0  # the reference against itself
+    assert out["after"]["world_small"]["drift_mean"] != 0.0
+    # The second run reuses the cached base; a different world config is refused.
+    logs.clear()
+    train.train_and_evaluate(tiny_world_config(tmp_path / "base", **{"train.epochs": 2}),
+                             str(tmp_path / "run2"), log=logs.append)
+    assert any("reusing the base model" in line for line in logs)
+    assert not any("pretraining the world" in line for line in logs)
+    with pytest.raises(CheckpointError, match=r"base model .* different config .*world\.large_prompts"):
+        train.train_and_evaluate(tiny_world_config(tmp_path / "base", **{"world.large_prompts": 65}),
+                                 str(tmp_path / "run3"), log=logs.append)
