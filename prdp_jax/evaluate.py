@@ -130,7 +130,7 @@ class Evaluator:
         if grid_path is not None and grid:
             images = np.concatenate(grid)
             rows = min(4, P)
-            captions = [f"{prompts[i // S][:48]}\n{rewards[i]:.3f}" for i in range(rows * S)]
+            captions = [f"{prompts[i // S]}\nreward {rewards[i]:.3f}" for i in range(rows * S)]
             metrics_lib.save_grid(grid_path, images[:rows * S], captions, columns=S)
         return out
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import textwrap
 from typing import Mapping, Sequence
 
 import jax
@@ -68,30 +69,35 @@ def _plain(v):
 
 
 def image_grid(images: np.ndarray, captions: Sequence[str], columns: int, scale: int = 1,
-               caption_lines: int = 2) -> Image.Image:
-    """A grid of images, each with a caption (lines split on newlines) below it.
+               max_caption_lines: int = 8) -> Image.Image:
+    """A grid of images, each with its caption wrapped below it.
 
     Args:
       images: [N, H, W, 3] float in [0, 1].
-      captions: N strings.
+      captions: N strings; newlines start new lines, long lines wrap at word boundaries.
       columns: images per row.
       scale: nearest-neighbour upscaling of each image (small images stay legible).
+      max_caption_lines: longer captions are cut to this many lines.
     """
     images = np.clip(np.round(np.asarray(images, np.float32) * 255), 0, 255).astype(np.uint8)
     n, h, w, _ = images.shape
     h, w = h * scale, w * scale
-    cell_w = max(w, 96)
-    caption_height = 11 * caption_lines + 2
+    cell_w = max(w, 144)
     max_chars = max(cell_w // 6 - 1, 8)
+    wrapped = [[piece for line in cap.split("\n")
+                for piece in (textwrap.wrap(line, max_chars) or [""])][:max_caption_lines]
+               for cap in captions]
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    caption_height = max(measure.multiline_textbbox((0, 0), "\n".join(lines))[3]
+                         for lines in wrapped) + 4
     rows = -(-n // columns)
     grid = Image.new("RGB", (columns * cell_w, rows * (h + caption_height)), "white")
     draw = ImageDraw.Draw(grid)
-    for i, (img, cap) in enumerate(zip(images, captions)):
+    for i, (img, lines) in enumerate(zip(images, wrapped)):
         r, c = divmod(i, columns)
         tile = Image.fromarray(img).resize((w, h), Image.NEAREST)
         x, y = c * cell_w, r * (h + caption_height)
         grid.paste(tile, (x, y))
-        lines = [line[:max_chars] for line in cap.split("\n")[:caption_lines]]
         draw.text((x + 1, y + h + 1), "\n".join(lines), fill="black")
     return grid
 
