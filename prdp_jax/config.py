@@ -13,6 +13,7 @@ import ml_collections
 from prdp_jax.errors import ConfigError
 
 METHODS = ("prdp", "ddpo")
+SAMPLING = ("online", "offline")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -100,16 +101,19 @@ def base_config() -> ml_collections.ConfigDict:
     t.adam_b2 = 0.999               # AdamW beta2.
     t.adam_eps = 1e-8               # AdamW epsilon.
     t.max_grad_norm = 1.0           # Global-norm gradient clip.
+    t.sampling = "online"           # "online": each epoch samples from the snapshot theta_old
+                                    # (Algorithm 1); "offline": from the frozen reference (the
+                                    # paper's offline RDP ablation), same prompts and budget.
 
     # ---- PRDP ----
     c.prdp = p = ml_collections.ConfigDict()
     p.beta = 3e-5                   # KL coefficient; the regression target is reward difference / beta.
-    p.clip_eps = 1e-6               # Per-step proximal clip of log pi_theta / pi_theta_old.
+    p.clip_eps = 1e-6               # Per-step clip of log pi_theta / pi_theta_old (inf = off).
     p.step_reduction = "mean"       # Trajectory log-ratio over steps: "mean" (paper code) or "sum".
 
     # ---- DDPO ----
     c.ddpo = d = ml_collections.ConfigDict()
-    d.clip_range = 1e-4             # PPO ratio clip.
+    d.clip_range = 1e-4             # PPO ratio clip (inf = off).
     d.adv_clip_max = 5.0            # Advantages clipped to +-this.
     d.normalization = "per_prompt"  # "per_prompt" (stat tracker) or "batch".
     d.buffer_size = 32              # Stat tracker: rewards kept per prompt.
@@ -131,6 +135,10 @@ def base_config() -> ml_collections.ConfigDict:
     e.max_prompts = 0               # Evaluate only the first this many prompts of a set (0 = all).
     e.batch_size = 64               # Trajectories per evaluation sampler call.
     e.seed = 2024                   # Evaluation noise seed, shared by every method and run.
+    e.shuffled_control = False      # Also score each image against another prompt's caption: a
+                                    # caption-blind model scores the same on both.
+    e.every_epochs = 0              # Also evaluate every this many epochs (0 = before/after only);
+                                    # results join that epoch's metrics row as eval/<set>/...
 
     # ---- Checkpoints, logging ----
     c.checkpoint = ml_collections.ConfigDict()
@@ -166,8 +174,15 @@ def validate(c: ml_collections.ConfigDict) -> None:
                           f"{total} trajectories of an epoch (prompts_per_epoch x images_per_prompt)")
     if c.prdp.beta <= 0:
         raise ConfigError(f"prdp.beta must be > 0, got {c.prdp.beta}")
-    if c.prdp.clip_eps <= 0:
-        raise ConfigError(f"prdp.clip_eps must be > 0, got {c.prdp.clip_eps}")
+    if not c.prdp.clip_eps > 0:
+        raise ConfigError(f"prdp.clip_eps must be > 0 (inf disables the clip), got {c.prdp.clip_eps}")
+    if not c.ddpo.clip_range > 0:
+        raise ConfigError(f"ddpo.clip_range must be > 0 (inf disables the clip), "
+                          f"got {c.ddpo.clip_range}")
+    if c.train.sampling not in SAMPLING:
+        raise ConfigError(f"train.sampling must be one of {SAMPLING}, got {c.train.sampling!r}")
+    if c.eval.every_epochs < 0:
+        raise ConfigError(f"eval.every_epochs must be >= 0, got {c.eval.every_epochs}")
     if c.prdp.step_reduction not in ("mean", "sum"):
         raise ConfigError(f"prdp.step_reduction must be 'mean' or 'sum', got {c.prdp.step_reduction!r}")
     if c.sample.logprob_reduction not in ("mean", "sum"):

@@ -97,7 +97,7 @@ class Evaluator:
         context = self._encode(frozen, self.pipe.tokenizer(prompts))
         uncond = self._encode(frozen, self.pipe.tokenizer([""]))
         key = sharding.put(jax.random.key_data(jax.random.key(self.config.eval.seed)), self.repl)
-        rewards, drifts, infos, grid = [], [], [], []
+        rewards, drifts, infos, grid, shuffled = [], [], [], [], []
         batches = range(0, padded, self.batch)
         for start in progress(batches, desc=f"eval {name}", leave=False,
                               enabled=show_progress and len(batches) > 1):
@@ -112,6 +112,12 @@ class Evaluator:
             value, info = self.reward_fn(images, batch_prompts,
                                          [{"prompt_index": int(i)} for i in prompt_index[sl]])
             rewards.append(np.asarray(value, np.float32)[keep])
+            if self.config.eval.shuffled_control:
+                # The same images against another prompt's caption: how much of the reward the
+                # caption explains (a caption-blind model scores the same on both).
+                other = [prompts[(i + 1) % P] for i in prompt_index[sl]]
+                shuffled.append(np.asarray(self.reward_fn(images, other, [{}] * len(other))[0],
+                                           np.float32)[keep])
             infos.append({k: np.asarray(v)[keep] for k, v in info.items() if np.ndim(v) == 1})
             drifts.append(np.asarray(drift)[keep])
             if grid_path is not None:
@@ -127,6 +133,9 @@ class Evaluator:
             "components": {k: float(np.concatenate([d[k] for d in infos]).mean()) for k in infos[0]},
             "seconds": time.perf_counter() - t0,
         }
+        if shuffled and P > 1:
+            shuffled = np.concatenate(shuffled)
+            out["reward_shuffled_captions"] = float(shuffled.mean())
         if grid_path is not None and grid:
             images = np.concatenate(grid)
             rows = min(4, P)
@@ -135,8 +144,8 @@ class Evaluator:
         return out
 
     def run_sets(self, params, ref_params, frozen, label: str, workdir: str,
-                 show_progress: bool = True) -> dict:
-        """Evaluates every set of `config.eval.sets`; writes eval/<label>.json and grids."""
+                 show_progress: bool = True, grids: bool = True) -> dict:
+        """Evaluates every set of `config.eval.sets`; writes eval/<label>.json (and grids)."""
         results = {}
         for name in self.config.eval.sets:
             prompts = prompt_sets.load(name, self.config)
@@ -144,26 +153,41 @@ class Evaluator:
             prompts = prompts[:limit] if limit else prompts
             results[name] = self.run(params, ref_params, frozen, prompts,
                                      self.config.eval.samples_per_prompt, name,
-                                     os.path.join(workdir, "eval", f"{label}_{name}.png"),
-                                     show_progress)
+                                     os.path.join(workdir, "eval", f"{label}_{name}.png")
+                                     if grids else None, show_progress)
         if jax.process_index() == 0:
             os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
             metrics_lib.atomic_write_json(os.path.join(workdir, "eval", f"{label}.json"), results)
         return results
 
 
+def flatten(results: dict) -> dict:
+    """{set: stats} -> flat scalars {'eval/<set>/<stat>': value} for a metrics row."""
+    return {f"eval/{name}/{k}": v for name, r in results.items() for k, v in r.items()
+            if isinstance(v, (int, float)) and k not in ("prompts", "samples_per_prompt")}
+
+
 def table(before: dict, after: dict | None = None) -> list[str]:
-    """A before/after table, one row per evaluation set."""
+    """A before/after table, one row per evaluation set: reward mean ± standard error, its change,
+    the drift from the reference after finetuning, and (when evaluated) the reward of the same
+    images scored against shuffled captions."""
+    shuffled = any("reward_shuffled_captions" in r for r in before.values())
     head = f"{'set':<20} {'prompts':>7}  {'before':>15}"
     if after is not None:
         head += f"  {'after':>15}  {'change':>8}  {'drift (after)':>16}"
+    if shuffled:
+        head += "  shuffled captions" + (" (before/after)" if after is not None else "")
     lines = [head]
     for name, b in before.items():
         row = f"{name:<20} {b['prompts']:>7}  {b['reward_mean']:>7.4f} ± {b['reward_se']:.4f}"
-        if after is not None and name in after:
-            a = after[name]
+        a = after.get(name) if after is not None else None
+        if a is not None:
             row += (f"  {a['reward_mean']:>7.4f} ± {a['reward_se']:.4f}  "
                     f"{a['reward_mean'] - b['reward_mean']:>+8.4f}  "
                     f"{a['drift_mean']:>8.4f} ± {a['drift_se']:.4f}")
+        if shuffled and "reward_shuffled_captions" in b:
+            row += f"  {b['reward_shuffled_captions']:.4f}"
+            if a is not None and "reward_shuffled_captions" in a:
+                row += f" / {a['reward_shuffled_captions']:.4f}"
         lines.append(row)
     return lines

@@ -313,9 +313,12 @@ class Trainer:
     # -- one epoch --------------------------------------------------------------------------------
 
     def sample_epoch(self, state: TrainState, frozen, prompts: list[str], epoch: int,
-                     reward_fn: rewards_lib.Reward, show_progress: bool = True) -> dict:
-        """Samples and rewards an epoch's trajectories from theta_old = state.params."""
+                     reward_fn: rewards_lib.Reward, show_progress: bool = True,
+                     sampler_params=None) -> dict:
+        """Samples and rewards an epoch's trajectories from theta_old = state.params (or from
+        `sampler_params`, e.g. the frozen reference for offline RDP), with the epoch's keys."""
         c = self.config
+        sampler_params = state.params if sampler_params is None else sampler_params
         B = self.images_per_prompt
         ids = self.pipe.tokenizer(list(prompts))
         prompt_context = self._encode(frozen, ids)
@@ -332,7 +335,7 @@ class Trainer:
             t0 = time.perf_counter()
             index = np.arange(i * self.sample_size, (i + 1) * self.sample_size, dtype=np.int32)
             traj, images = jax.block_until_ready(self._sample(
-                state.params, frozen, prompt_context, uncond, key, sharding.put(index, self.batch)))
+                sampler_params, frozen, prompt_context, uncond, key, sharding.put(index, self.batch)))
             batches.append(traj)
             t1 = time.perf_counter()
             sample_time += t1 - t0
@@ -551,11 +554,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
 
     last = {}
     show = bool(config.log.progress) and is_main
+    offline = config.train.sampling == "offline"
+    after = None  # the final evaluation, when the last epoch's periodic one provides it
     for epoch in progress(range(start_epoch, config.train.epochs), desc="epochs",
                           initial=start_epoch, total=config.train.epochs, enabled=show):
         t0 = time.perf_counter()
         prompts = prompt_sampler.sample(config.train.prompts_per_epoch)
-        sampled = trainer.sample_epoch(state, frozen, prompts, epoch, reward_fn, show)
+        sampled = trainer.sample_epoch(state, frozen, prompts, epoch, reward_fn, show,
+                                       sampler_params=ref_params if offline else None)
         advantages = advantages_for(config, tracker, prompts, sampled["rewards"])
         state, upd = trainer.update_epoch(state, frozen, ref_params, sampled, advantages, epoch, show)
         rewards = sampled["rewards"]
@@ -566,13 +572,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
                     epoch_time=time.perf_counter() - t0)
         if tracker is not None:
             last.update({f"ddpo/{k}": v for k, v in tracker.stats().items()})
-        writer.write(epoch + 1, last)
+        done = epoch + 1
+        every = config.eval.every_epochs
+        if evaluator is not None and every and done % every == 0:
+            final = done == config.train.epochs
+            after = evaluator.run_sets(state.params, ref_params, frozen,
+                                       "after" if final else f"epoch_{done:05d}", workdir, show,
+                                       grids=final)
+            last.update(evaluate.flatten(after))
+        writer.write(done, last)
         say(f"epoch {epoch + 1}/{config.train.epochs} | reward {last['reward_mean']:.4f} "
             f"+- {last['reward_std']:.4f} | loss {last['loss']:.4g} | clip {last['clip_frac']:.3f} "
             f"| drift {last['drift']:.3g} | {last['epoch_time']:.1f}s")
-        if (epoch + 1) % config.log.grid_every_epochs == 0 or epoch == 0:
-            save_sample_grid(workdir, epoch + 1, sampled, config)
-        done = epoch + 1
+        if done % config.log.grid_every_epochs == 0 or epoch == 0:
+            save_sample_grid(workdir, done, sampled, config)
         if done % config.checkpoint.every_epochs == 0 or done == config.train.epochs:
             meta = {"prompt_position": prompt_sampler.position,
                     "stat_tracker": tracker.state_dict() if tracker is not None else None}
@@ -581,9 +594,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
     writer.close()
     result = {"metrics": last, "state": state, "trainer": trainer}
     if evaluator is not None:
-        say("evaluating the finetuned model")
-        after = evaluator.run_sets(state.params, ref_params, frozen, "after", workdir,
-                                   bool(config.log.progress) and is_main)
+        if after is None:
+            say("evaluating the finetuned model")
+            after = evaluator.run_sets(state.params, ref_params, frozen, "after", workdir, show)
         lines = evaluate.table(before, after)
         for line in lines:
             say(line)

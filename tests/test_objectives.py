@@ -113,6 +113,23 @@ def test_ppo_loss_matches_naive(seed):
     np.testing.assert_allclose(aux["clip_frac"], frac)
 
 
+def test_infinite_clips_are_the_unclipped_objectives():
+    """clip_eps = inf (PRDP) and clip_range = inf (DDPO) switch the clips off (the ablations)."""
+    lp, lp_old, lp_ref, rewards = random_inputs(3)
+    f32 = lambda x: jnp.asarray(x, jnp.float32)
+    B, beta = 4, 0.5
+    loss, aux = rdp.rdp_loss(f32(lp), f32(lp_old), f32(lp_ref), f32(rewards), images_per_prompt=B,
+                             beta=beta, clip_eps=float("inf"))
+    want, _ = naive_rdp(lp, lp_old, lp_ref, rewards, B, beta, 1e30, "mean")
+    np.testing.assert_allclose(loss, want, rtol=1e-5)
+    np.testing.assert_allclose(loss, aux["loss_unclipped"], rtol=1e-6)
+    assert float(aux["clip_frac"]) == 0.0
+    adv = np.random.default_rng(4).normal(size=lp.shape[0])
+    loss, aux = ddpo.ppo_loss(f32(lp), f32(lp_old), f32(adv), clip_range=float("inf"))
+    np.testing.assert_allclose(loss, np.mean(-adv[:, None] * np.exp(lp - lp_old)), rtol=1e-5)
+    assert float(aux["clip_frac"]) == 0.0
+
+
 def naive_tracker(history, buffer_size, min_count):
     """DDPO's stat tracker, re-derived: per-prompt deques, batch stats below min_count."""
     buffers = collections.defaultdict(lambda: collections.deque(maxlen=buffer_size))

@@ -91,6 +91,22 @@ def test_resume_is_exact(tmp_path, method):
     assert [r["reward_mean"] for r in rows("resumed")] == [r["reward_mean"] for r in rows("straight")]
 
 
+def test_offline_sampling_draws_from_the_reference(tmp_path):
+    """Offline RDP samples every epoch from the frozen reference: its rewards are those of an
+    online run whose parameters never move (learning rate 0), while its own parameters train."""
+    rows = {}
+    for name, overrides in (("offline", {"train.sampling": "offline"}),
+                            ("frozen", {"train.learning_rate": 0.0, "train.weight_decay": 0.0})):
+        out = train.train_and_evaluate(tiny_config(**{"train.epochs": 3, **overrides}),
+                                       str(tmp_path / name), log=lambda *a: None)
+        rows[name] = [json.loads(l) for l in open(tmp_path / name / "metrics.jsonl")]
+        rows[name + "_params"] = host(out["state"].params)
+    assert [r["reward_mean"] for r in rows["offline"]] == [r["reward_mean"] for r in rows["frozen"]]
+    # On the reference's own samples the mean log-ratio is -KL(ref || theta): negative once trained.
+    assert rows["offline"][-1]["drift"] < 0 == rows["frozen"][-1]["drift"]
+    assert rel_err(rows["offline_params"], rows["frozen_params"]) > 1e-4
+
+
 def test_bad_checkpoints_are_refused_with_one_line(tmp_path):
     config = tiny_config(**{"train.epochs": 1})
     workdir = tmp_path / "run"
