@@ -439,7 +439,7 @@ def test_bad_paths_and_weights_are_one_line_errors(clip_folder, hps_files, tmp_p
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(WeightsError) as e:
         hpsv2.build(str(junk), hps_files["tokenizer"], hps_files["arch"])
-    assert str(junk) in one_line(e)
+    assert one_line(e).startswith(f"{junk}: not a readable PyTorch file")
     with pytest.raises(ConfigError) as e:
         rewards.build("hpsv2", config(**{"reward.hpsv2.version": "v3"}))
     assert "reward.hpsv2.version" in one_line(e)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from typing import Any, Mapping
 
@@ -152,10 +153,13 @@ def _read_torch(path: str) -> dict[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise WeightsError(f"{path}: PyTorch refused to load it with weights_only=True (it holds "
-                           f"Python objects besides tensors: {first}); re-save its state dict "
-                           f"with torch.save if you trust the file") from None
+        detail = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()[0].strip()
+        global_name = re.search(r"GLOBAL (\S+)", detail)
+        if global_name:
+            raise WeightsError(f"{path}: holds a Python object ({global_name.group(1)}) besides "
+                               f"tensors, which torch.load(weights_only=True) refuses; if you trust "
+                               f"the file, re-save its state dict alone with torch.save") from None
+        raise WeightsError(f"{path}: not a readable PyTorch file ({detail})") from None
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file
         raise WeightsError(f"{path}: not a readable PyTorch file ({type(e).__name__}: {e})") from None
     return unwrap_checkpoint(obj, path)
