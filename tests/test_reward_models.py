@@ -2,7 +2,8 @@
 
 Fixtures, all tiny, random, and written in the published on-disk formats:
   - a transformers `CLIPModel` (vision: 32 px, patch 8, quick_gelu; text: gelu) saved with
-    `save_pretrained` (model.safetensors + config.json), with a CLIP tokenizer built here: byte-level
+    `save_pretrained` (model.safetensors + config.json), its CLIPImageProcessor's
+    preprocessor_config.json (32 px), and a CLIP tokenizer built here: byte-level
     BPE vocab.json (256 byte symbols, their `</w>` forms, a few merges, then <|startoftext|> and
     <|endoftext|> last, as in OpenAI's vocabulary) and merges.txt;
   - the aesthetic head: a torch `nn.Sequential` with the improved-aesthetic-predictor layout
@@ -101,7 +102,11 @@ def clip_folder(tmp_path_factory):
     with torch.no_grad():
         model.logit_scale.fill_(4.2)
     model.save_pretrained(folder)
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    CLIPImageProcessorPil(size={"shortest_edge": IMAGE},
+                          crop_size={"height": IMAGE, "width": IMAGE}).save_pretrained(folder)
     assert os.path.isfile(os.path.join(folder, "model.safetensors"))
+    assert os.path.isfile(os.path.join(folder, "preprocessor_config.json"))
     return folder, model
 
 

@@ -42,7 +42,11 @@ def image_transform(folder: str, image_size: int) -> ImageTransform:
     if abs(float(cfg.get("rescale_factor", 1 / 255)) - 1 / 255) > 1e-9:
         raise WeightsError(f"{path}: rescale_factor={cfg['rescale_factor']} is not supported; "
                            f"only 1/255")
-    return ImageTransform(size=_side(cfg.get("size", image_size), "shortest_edge"),
+    size = cfg.get("size", image_size)
+    if isinstance(size, dict) and "shortest_edge" not in size:
+        raise WeightsError(f"{path}: size={size} is not supported; the CLIP rewards resize the "
+                           f"shortest edge ({{'shortest_edge': N}})")
+    return ImageTransform(size=_side(size, "shortest_edge"),
                           crop=_side(cfg.get("crop_size", image_size), "height"),
                           mean=tuple(cfg.get("image_mean", OPENAI_CLIP_MEAN)),
                           std=tuple(cfg.get("image_std", OPENAI_CLIP_STD)))
