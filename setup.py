@@ -28,5 +28,8 @@ setup(
     extras_require={
         # PyTorch references for numerical parity tests only; never imported by the trainer.
         "test": ["pytest>=8.0", "torch==2.13.0", "diffusers==0.42.1", "transformers==5.24.0"],
+        # The model rewards (aesthetic, pickscore, hpsv2, clipscore): transformers' CLIPTokenizer;
+        # ftfy for open_clip's text cleaning (HPSv2); torch only to read .pt/.pth/.bin weights.
+        "rewards": ["transformers==5.24.0", "ftfy>=6.1"],
     },
 )

@@ -84,6 +84,25 @@ def base_config() -> ml_collections.ConfigDict:
     # ---- Reward ----
     c.reward = ml_collections.ConfigDict()
     c.reward.weights = ml_collections.ConfigDict({"jpeg_compressibility": 1.0})  # name -> weight.
+    # Model rewards (prdp_jax/rewards/{aesthetic,pickscore,hpsv2,clipscore}.py); local paths only.
+    # The paper's mix is reward.weights = {"pickscore": 10, "hpsv2": 2, "aesthetic": 0.05}.
+    c.reward.aesthetic = ml_collections.ConfigDict(dict(
+        clip_path="",         # transformers folder of openai/clip-vit-large-patch14 (vision tower).
+        mlp_path="",          # sac+logos+ava1-l14-linearMSE.pth (or a .safetensors copy).
+    ))
+    c.reward.pickscore = ml_collections.ConfigDict(dict(
+        path="",              # transformers folder of yuvalkirstain/PickScore_v1 (+ tokenizer files).
+        tokenizer_path="",    # Folder with the CLIP tokenizer files; "" = the same as path.
+    ))
+    c.reward.hpsv2 = ml_collections.ConfigDict(dict(
+        checkpoint="",        # HPS_v2_compressed.pt or HPS_v2.1_compressed.pt.
+        tokenizer_path="",    # Folder with the CLIP tokenizer files (vocab.json + merges.txt).
+        version="v2.0",       # "v2.0" or "v2.1" (same architecture).
+        model="ViT-H-14",     # open_clip architecture name, or an open_clip model-config .json.
+    ))
+    c.reward.clipscore = ml_collections.ConfigDict(dict(
+        path="",              # transformers CLIP folder (e.g. openai/clip-vit-base-patch32).
+    ))
 
     # ---- Training (Algorithm 1) ----
     c.train = t = ml_collections.ConfigDict()

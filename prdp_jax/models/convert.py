@@ -130,3 +130,13 @@ def _to_numpy(value: Any) -> np.ndarray:
             value = value.float()
         return value.numpy()
     return np.asarray(value)
+
+
+def torch_shape(leaf: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The PyTorch shape of a Flax leaf named `leaf` ('kernel', 'scale', ...) of shape `shape`."""
+    return _torch_shape(leaf, tuple(shape))
+
+
+def to_numpy(value: Any) -> np.ndarray:
+    """A numpy array from a numpy array or a (CPU, possibly bfloat16) torch tensor."""
+    return _to_numpy(value)

@@ -22,15 +22,16 @@ ACTIVATIONS = {
 
 
 class CLIPAttention(nn.Module):
-    """Causal multi-head self-attention with biased q/k/v/out projections."""
+    """Multi-head self-attention with biased q/k/v/out projections (causal through `mask`)."""
 
     heads: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
-        """x: [B, L, D], mask: [B, 1, L, L] bool (True = attend) -> [B, L, D]."""
+    def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
+        """x: [B, L, D], mask: [B, 1, L, L] bool (True = attend) or None (full attention, as in
+        the CLIP vision tower) -> [B, L, D]."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         dim = x.shape[-1]
         head_dim = dim // self.heads
@@ -43,6 +44,8 @@ class CLIPAttention(nn.Module):
 
 
 class CLIPEncoderLayer(nn.Module):
+    """Pre-LayerNorm transformer layer; `mask` as in CLIPAttention (None = non-causal)."""
+
     heads: int
     intermediate_size: int
     hidden_act: str
@@ -51,7 +54,7 @@ class CLIPEncoderLayer(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = nn.LayerNorm(epsilon=self.eps, name="layer_norm1", **kw)(x)
         x = x + CLIPAttention(self.heads, name="self_attn", **kw)(h, mask)
@@ -74,6 +77,8 @@ class MLP(nn.Module):
 
 
 class Encoder(nn.Module):
+    """A stack of CLIPEncoderLayers: x [B, L, D], mask [B, 1, L, L] or None -> [B, L, D]."""
+
     num_layers: int
     heads: int
     intermediate_size: int
@@ -83,7 +88,7 @@ class Encoder(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
         for i in range(self.num_layers):
             x = CLIPEncoderLayer(self.heads, self.intermediate_size, self.hidden_act, self.eps,
                                  name=f"layers_{i}", dtype=self.dtype,

@@ -51,7 +51,12 @@ def build(name: str, config: Any = None) -> Reward:
 
 
 def combine(weights: Mapping[str, float], config: Any = None) -> Reward:
-    """The weighted sum of named rewards; `info` holds each component under its name."""
+    """The weighted sum of named rewards; `info` holds each component under its name.
+
+    The sum is on device when any part is: on-device parts get the images as they come, host
+    parts a numpy copy (made once). With only on-device parts the total stays a device array;
+    otherwise every part is brought to the host.
+    """
     if not weights:
         raise ConfigError("reward.weights is empty; name at least one reward, e.g. "
                           "--config.reward.weights='{\"jpeg_compressibility\": 1.0}'")
@@ -60,13 +65,19 @@ def combine(weights: Mapping[str, float], config: Any = None) -> Reward:
         (name, (w, reward)), = parts.items()
         if w == 1.0:
             return _with_component(name, reward)
-    on_device = all(r.on_device for _, r in parts.values())
+    on_device = any(r.on_device for _, r in parts.values())
+    all_on_device = all(r.on_device for _, r in parts.values())
 
     def fn(images, prompts, metadata):
-        total, info = 0.0, {}
+        total, info, host_images = 0.0, {}, None
         for name, (w, reward) in parts.items():
-            value, sub = reward(images, prompts, metadata)
-            value = value if on_device else np.asarray(value, np.float32)
+            if reward.on_device:
+                value, sub = reward(images, prompts, metadata)
+            else:
+                if host_images is None:
+                    host_images = np.asarray(images)
+                value, sub = reward(host_images, prompts, metadata)
+            value = value if all_on_device else np.asarray(value, np.float32)
             info[name] = value
             info.update({f"{name}/{k}": v for k, v in sub.items()})
             total = total + w * value
@@ -85,4 +96,5 @@ def _with_component(name: str, reward: Reward) -> Reward:
 def _import_builtin() -> None:
     # Importing a module registers its rewards.
     from prdp_jax.rewards import jpeg  # noqa: F401
+    from prdp_jax.rewards import aesthetic, clipscore, hpsv2, pickscore  # noqa: F401
     from prdp_jax.world import alignment  # noqa: F401
