@@ -8,12 +8,13 @@ compositions never seen in training.
     python -m prdp_jax.main --config configs/world.py            # PRDP (default)
     python -m prdp_jax.main --config configs/world.py:ddpo       # DDPO, same world and budget
     python -m prdp_jax.main --config configs/world.py:mix        # PRDP on alignment + JPEG mix
+    python -m prdp_jax.main --config configs/world.py:tiny       # a seconds-long smoke run
 """
 from prdp_jax.config import base_config
 from prdp_jax.errors import ConfigError
 from prdp_jax.world.config import add_world_sections
 
-RECIPES = ("prdp", "ddpo", "mix")
+RECIPES = ("prdp", "ddpo", "mix", "tiny")
 
 
 def get_config(recipe: str = "prdp"):
@@ -63,4 +64,30 @@ def get_config(recipe: str = "prdp"):
     c.log.grid_every_epochs = 4
     c.pretrain.steps = 750                 # ~8.5 minutes on 2 CPU cores
     c.pretrain.learning_rate = 2e-3
+    if recipe == "tiny":
+        tiny(c)
     return c
+
+
+def tiny(c):
+    """Every code path of the world in seconds (smoke tests, experiments --quick): a tiny model,
+    a few pretraining steps, small splits, 4 sampling steps. Its base caches separately."""
+    c.world.base_dir = "~/.cache/prdp_jax/world_base_tiny"
+    c.world.small_prompts, c.world.large_prompts = 8, 64
+    c.world.large_sample_prompts, c.world.heldout_prompts = 4, 4
+    c.model.unet.update(dict(
+        block_out_channels=(16, 32), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), num_attention_heads=2,
+        cross_attention_dim=16))
+    c.model.text_encoder.update(dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2))
+    c.sample.num_steps = 4
+    c.sample.guidance_scale = 2.0
+    c.pretrain.steps, c.pretrain.batch_size = 6, 8
+    c.eval.samples_per_prompt, c.eval.batch_size, c.eval.max_prompts = 2, 8, 4
+    c.train.epochs = 2
+    c.train.prompts_per_epoch, c.train.images_per_prompt = 4, 4
+    c.train.prompts_per_minibatch = 2
+    c.train.microbatch_trajectories, c.train.microbatch_steps = 4, 3
+    c.train.learning_rate = 1e-3
+    c.log.grid_every_epochs = 1000

@@ -1,0 +1,143 @@
+"""Reproduces the paper's findings in the embedded world.
+
+    python -m prdp_jax.experiments all                 # every finding, full size (hours)
+    python -m prdp_jax.experiments large_scale         # one finding
+    python -m prdp_jax.experiments all --quick         # the CI smoke (a tiny model, minutes)
+
+Findings: lr_sweep (run first, automatically), small_scale, large_scale, clipping, beta,
+online_offline. Each writes <out>/<finding>.json and plots, and updates the table of
+<out>/../results.md (docs/results.md for the full size). Runs live under --runs and are reused:
+rerunning a finding reads finished runs back and resumes interrupted ones.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from prdp_jax import metrics as metrics_lib
+from prdp_jax import runtime
+from prdp_jax.errors import UserError
+from prdp_jax.experiments import findings as findings_lib
+from prdp_jax.experiments import report, runner
+
+ORDER = ("small_scale", "large_scale", "clipping", "beta", "online_offline")
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(prog="python -m prdp_jax.experiments", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("finding", choices=("all", "lr_sweep") + ORDER)
+    p.add_argument("--quick", action="store_true", help="tiny model and budget (CI smoke)")
+    p.add_argument("--out", help="results folder (default docs/results; with --quick "
+                                 "runs/experiments-quick/results)")
+    p.add_argument("--runs", help="run folders (default runs/experiments[-quick])")
+    p.add_argument("--seeds", type=int, help="seeds per arm (default: the size's)")
+    return p.parse_args(argv)
+
+
+class Experiments:
+    def __init__(self, size: runner.Size, out: str, runs: str, quick: bool, log=print):
+        self.size, self.out, self.runs, self.log = size, out, runs, log
+        self.base_dir = os.path.join(runs, "base") if quick else None
+        os.makedirs(out, exist_ok=True)
+
+    def run_arm(self, scale: str, arm: findings_lib.Arm, learning_rates: dict,
+                seeds: int | None = None) -> list[dict]:
+        """Per-seed curves of one arm at one scale (finished runs are read back)."""
+        method = arm.overrides.get("method", "prdp")
+        lr = learning_rates.get(method)
+        curves = []
+        for seed in range(seeds or self.size.seeds):
+            config = runner.run_config(self.size, scale, arm, seed, learning_rates, self.base_dir)
+            workdir = os.path.join(self.runs, scale, f"{method}-lr{lr:g}" if lr else method,
+                                   arm.key(), f"seed{seed}")
+            t0 = time.perf_counter()
+            curves.append(runner.run(config, workdir, log=lambda *a, **k: None))
+            self.log(f"  {scale:<5} {arm.name:<26} seed {seed}: held-out "
+                     f"{curves[-1]['eval'][report.HELDOUT]['reward'][-1]:.3f} "
+                     f"({time.perf_counter() - t0:.0f}s)")
+        return curves
+
+    def learning_rates(self) -> dict:
+        """The swept learning rate of each method (runs the sweep if it has not run)."""
+        path = os.path.join(self.out, "lr_sweep.json")
+        if not os.path.exists(path):
+            self.lr_sweep()
+        with open(path) as f:
+            return json.load(f)["chosen"]
+
+    def lr_sweep(self) -> None:
+        """Each method at each learning rate of the grid, large scale, one seed; the chosen rate
+        has the highest final reward on the large-sample set (never the held-out one)."""
+        self.log(f"lr_sweep: {self.size.lr_grid} for PRDP and DDPO at large scale, 1 seed")
+        table, chosen = {}, {}
+        for method in ("prdp", "ddpo"):
+            scores = {}
+            for lr in self.size.lr_grid:
+                arm = findings_lib.Arm(method.upper(), {"method": method})
+                (c,) = self.run_arm("large", arm, {method: lr}, seeds=1)
+                scores[lr] = {n: c["eval"][n]["reward"][-1] for n in c["eval"]}
+            chosen[method] = max(scores, key=lambda lr: scores[lr][report.LARGE])
+            table[method] = {f"{lr:g}": s for lr, s in scores.items()}
+        metrics_lib.atomic_write_json(os.path.join(self.out, "lr_sweep.json"),
+                                      {"grid": list(self.size.lr_grid), "final_rewards": table,
+                                       "chosen": chosen, "selected_on": report.LARGE})
+        self.log(f"lr_sweep: chosen {chosen}")
+
+    def finding(self, name: str) -> tuple:
+        f = findings_lib.FINDINGS[name]
+        lrs = self.learning_rates()
+        beta = runner.world_config(self.size.recipe).prdp.beta
+        self.log(f"{name}: {f.title}")
+        curves, summaries = {}, {}
+        for scale in f.scales:
+            for arm in findings_lib.arms_of(f, beta):
+                runs = self.run_arm(scale, arm, lrs)
+                curves[(scale, arm.name)] = runs
+                summaries[(scale, arm.name)] = report.summarise(runs)
+        held, measured, rule = report.verdict(name, summaries)
+        for scale in f.scales:
+            labelled = {label: c for (s, label), c in curves.items() if s == scale}
+            suffix = f"_{scale}" if len(f.scales) > 1 else ""
+            report.plot(os.path.join(self.out, f"{name}{suffix}.png"), f"{f.title} ({scale})",
+                        labelled, runner.EVAL_SETS)
+        if name == "beta":
+            report.plot_beta(os.path.join(self.out, "beta_tradeoff.png"), summaries)
+        metrics_lib.atomic_write_json(os.path.join(self.out, f"{name}.json"), {
+            "finding": f.title, "paper": f.paper, "size": self.size.__dict__,
+            "learning_rates": lrs, "held": held, "measured": measured, "rule": rule,
+            "arms": {f"{s}/{label}": {"summary": summaries[(s, label)],
+                                      "curves": curves[(s, label)]} for s, label in curves}})
+        self.log(f"{name}: {'held' if held else 'did not hold'}: {measured}")
+        return f.title, f.paper, measured, rule, held
+
+
+def main(argv=None) -> int:
+    args = parse(sys.argv[1:] if argv is None else argv)
+    size = runner.SIZES["quick" if args.quick else "full"]
+    if args.seeds:
+        size = runner.dataclasses.replace(size, seeds=args.seeds)
+    runs = args.runs or ("runs/experiments-quick" if args.quick else "runs/experiments")
+    out = args.out or (os.path.join(runs, "results") if args.quick else "docs/results")
+    config = runner.world_config(size.recipe)
+    runtime.setup(config)
+    try:
+        ex = Experiments(size, out, runs, args.quick)
+        if args.finding == "lr_sweep":
+            ex.lr_sweep()
+            return 0
+        names = ORDER if args.finding == "all" else (args.finding,)
+        rows = {n: ex.finding(n) for n in names}
+        page = os.path.join(os.path.dirname(os.path.abspath(out)), "results.md")
+        report.update_page(page, rows)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Runs experiment arms through the trainer and reads their learning curves back.
+
+A run is `train.train_and_evaluate` on the world config with an arm's overrides, a scale, a size
+and a seed, in its own work directory. A run that finished before (its eval/summary.json exists
+and its config.json matches) is read back instead of rerun; an interrupted one resumes from its
+checkpoint. Curves come from metrics.jsonl (one row per epoch, with the periodic evaluation) and
+eval/before.json (the base model, at zero reward queries).
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+from typing import Callable, Mapping
+
+import ml_collections
+
+from prdp_jax import train
+from prdp_jax.config import to_json
+from prdp_jax.errors import ConfigError
+from prdp_jax.experiments.findings import Arm
+
+EVAL_SETS = ("world_small", "world_large_sample", "world_heldout")
+TRAIN_SETS = {"small": "world_small", "large": "world_large"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Size:
+    """How big every run of an experiment is."""
+
+    recipe: str               # configs/world.py recipe the runs start from
+    epochs: int
+    prompts_per_epoch: int
+    images_per_prompt: int
+    prompts_per_minibatch: int
+    eval_every: int           # evaluate on the fixed-seed sets every this many epochs
+    eval_prompts: int         # first this many prompts of each evaluation set
+    eval_samples: int         # samples per evaluation prompt
+    seeds: int                # seeds per arm
+    lr_grid: tuple            # learning rates of the sweep
+
+    @property
+    def queries_per_epoch(self) -> int:
+        return self.prompts_per_epoch * self.images_per_prompt
+
+
+SIZES = {
+    # Each finding at this size completes in under an hour on a 2-core CPU (cached base).
+    "full": Size(recipe="prdp", epochs=30, prompts_per_epoch=16, images_per_prompt=4,
+                 prompts_per_minibatch=8, eval_every=5, eval_prompts=32, eval_samples=2, seeds=3,
+                 lr_grid=(1e-4, 3e-4, 1e-3)),
+    # The CI smoke: a tiny model pretrained for a few steps, every code path once.
+    "quick": Size(recipe="tiny", epochs=2, prompts_per_epoch=4, images_per_prompt=4,
+                  prompts_per_minibatch=2, eval_every=1, eval_prompts=4, eval_samples=2, seeds=1,
+                  lr_grid=(1e-3, 3e-3)),
+}
+
+
+def world_config(recipe: str) -> ml_collections.ConfigDict:
+    """configs/world.py:<recipe> from the repository root."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__)))), "configs", "world.py")
+    spec = importlib.util.spec_from_file_location("world_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(recipe)
+
+
+def set_field(config: ml_collections.ConfigDict, dotted: str, value) -> None:
+    node = config
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        node = node[p]
+    if leaf not in node:
+        raise ConfigError(f"experiment override {dotted!r} is not a config field")
+    node[leaf] = value
+
+
+def run_config(size: Size, scale: str, arm: Arm, seed: int, learning_rates: Mapping[str, float],
+               base_dir: str | None = None) -> ml_collections.ConfigDict:
+    """The config of one run: the world recipe, the size, the scale, the arm, the seed."""
+    c = world_config(size.recipe)
+    if base_dir:
+        c.world.base_dir = base_dir
+    method = arm.overrides.get("method", "prdp")
+    c.method = method
+    c.prompts.train = TRAIN_SETS[scale]
+    t = c.train
+    t.epochs, t.prompts_per_epoch = size.epochs, size.prompts_per_epoch
+    t.images_per_prompt, t.prompts_per_minibatch = size.images_per_prompt, size.prompts_per_minibatch
+    t.learning_rate = learning_rates.get(method, t.learning_rate)
+    c.eval.sets = EVAL_SETS
+    c.eval.every_epochs = size.eval_every
+    c.eval.max_prompts = size.eval_prompts
+    c.eval.samples_per_prompt = size.eval_samples
+    c.eval.shuffled_control = False
+    c.log.progress = False
+    c.log.grid_every_epochs = size.epochs
+    c.checkpoint.max_to_keep = 1
+    c.seed = seed
+    for k, v in arm.overrides.items():
+        if k != "method":
+            set_field(c, k, v)
+    return c
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, log: Callable = print) -> dict:
+    """Trains (or reads back) one run; returns its curve (see `curve`)."""
+    done = os.path.join(workdir, "eval", "summary.json")
+    saved = os.path.join(workdir, "config.json")
+    if os.path.exists(done) and os.path.exists(saved):
+        with open(saved) as f:
+            if json.loads(to_json(config)) == json.load(f):
+                return curve(workdir, config)
+    train.train_and_evaluate(config, workdir, log=log)
+    return curve(workdir, config)
+
+
+def curve(workdir: str, config: ml_collections.ConfigDict) -> dict:
+    """{'queries': [...], 'train_reward': [...], 'drift': [...], 'eval': {set: {'queries',
+    'reward', 'se', 'drift'}}} from a finished run's files (queries 0 = the base model)."""
+    per_epoch = config.train.prompts_per_epoch * config.train.images_per_prompt
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    with open(os.path.join(workdir, "eval", "before.json")) as f:
+        before = json.load(f)
+    out = {"queries": [r["epoch"] * per_epoch for r in rows],
+           "train_reward": [r["reward_mean"] for r in rows],
+           "drift": [r["drift"] for r in rows], "eval": {}}
+    for name in config.eval.sets:
+        points = [(0, before[name]["reward_mean"], before[name]["reward_se"], 0.0)]
+        points += [(r["epoch"] * per_epoch, r[f"eval/{name}/reward_mean"],
+                    r[f"eval/{name}/reward_se"], r[f"eval/{name}/drift_mean"])
+                   for r in rows if f"eval/{name}/reward_mean" in r]
+        q, m, se, d = (list(v) for v in zip(*points))
+        out["eval"][name] = {"queries": q, "reward": m, "se": se, "drift": d}
+    return out
