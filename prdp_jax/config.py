@@ -89,7 +89,18 @@ def base_config() -> ml_collections.ConfigDict:
 
     # ---- Prompts ----
     c.prompts = ml_collections.ConfigDict()
-    c.prompts.train = "animals"     # Registered prompt set for training (see prdp_jax.prompts).
+    c.prompts.train = "animals"     # Prompt set for training: a registered name (prdp_jax.prompts),
+                                    # a file preset below, or "file:PATH[#FIELD]" (prompt_files.py).
+    c.prompts.field = ""            # Key/column of the prompt in "file:PATH" sets without "#FIELD".
+    c.prompts.files = ml_collections.ConfigDict(dict(  # Paths of downloaded prompt files, per preset.
+        hpdv2_train="",             # HPDv2 train.json (list of {prompt, ...}); also hpdv2_train_seen500.
+        hpdv2_anime="",             # HPDv2 benchmark/anime.json (list of 800 strings).
+        hpdv2_concept_art="",       # HPDv2 benchmark/concept-art.json.
+        hpdv2_paintings="",         # HPDv2 benchmark/paintings.json.
+        hpdv2_photo="",             # HPDv2 benchmark/photo.json.
+        pickapic_v1_train="",       # Pick-a-Pic v1 train parquet shard(s): file, folder or glob.
+        pickapic_v1_test="",        # Pick-a-Pic v1 test (or test_unique) parquet shard(s).
+    ))
 
     # ---- Reward ----
     c.reward = ml_collections.ConfigDict()
@@ -137,7 +148,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     # ---- Evaluation (fixed seeds, before and after training) ----
     c.eval = e = ml_collections.ConfigDict()
-    e.sets = ()                     # Registered prompt sets to evaluate; () = no evaluation.
+    e.sets = ()                     # Prompt sets to evaluate (names as for prompts.train); () = none.
     e.samples_per_prompt = 4        # Images per prompt (sample j of prompt i has a fixed key).
     e.max_prompts = 0               # Evaluate only the first this many prompts of a set (0 = all).
     e.batch_size = 64               # Trajectories per evaluation sampler call.
