@@ -24,9 +24,14 @@ setup(
         "scipy>=1.11",
         "tensorboardX>=2.6",
         "tqdm>=4.66",
+        "ml_dtypes>=0.4",          # bf16 tensors in safetensors files (also a jax dependency)
+        "transformers>=4.38",      # CLIPTokenizer of Stable Diffusion folders (no torch needed)
     ],
     extras_require={
-        # PyTorch references for numerical parity tests only; never imported by the trainer.
-        "test": ["pytest>=8.0", "torch==2.13.0", "diffusers==0.42.1", "transformers==5.24.0"],
+        # PyTorch references for numerical parity tests (the trainer imports torch only to read
+        # .bin weights).
+        # pyarrow reads parquet prompt files (Pick-a-Pic); only needed when one is used.
+        "test": ["pytest>=8.0", "torch==2.13.0", "diffusers==0.42.1", "transformers==5.24.0",
+                 "pyarrow>=15"],
     },
 )
