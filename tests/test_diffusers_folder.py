@@ -124,6 +124,10 @@ def test_fp16_variant_bf16_tensors_and_bin_without_torch(folder, pristine, monke
     with pytest.raises(WeightsError, match=r"diffusion_pytorch_model\.bin is a PyTorch \.bin file "
                                            r"and reading it needs torch"):
         diffusers_folder.open_folder(folder).load_vae()
+    # ... while safetensors weights need no torch at all.
+    unet = diffusers_folder.open_folder(pristine).load_unet()
+    for a, b in zip(jax.tree.leaves(unet), jax.tree.leaves(want[0])):
+        np.testing.assert_array_equal(a, b)
 
 
 def sd_config(path, **overrides):
