@@ -6,7 +6,9 @@ VAE's downscale f, i.e. 512 for SD 1.x). `decode` runs the VAE decoder on latent
 inside the jitted sampler step, sharded like the batch. Weights are read on the first call of
 `unet_params` / `frozen_params` (never at build), kept on the host, and each call puts a fresh
 sharded copy on the devices: the frozen reference and the trainable start are both the folder's
-UNet, and the reference is never read from a training checkpoint.
+UNet, and the reference is never read from a training checkpoint. `build` writes the folder's
+absolute path into `model.path` and (with `model.schedule_from_folder`) its scheduler settings into
+`schedule`, so the run's saved config.json records what was used.
 """
 from __future__ import annotations
 
@@ -50,6 +52,7 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, log=print) -> Pipeline:
     folder = diffusers_folder.open_folder(
         m.path, dtype=DTYPES[m.dtype], param_dtype=DTYPES[m.param_dtype], remat=bool(m.remat),
         variant=m.variant)
+    m.path = folder.path  # absolute: the run's config.json and fingerprint name the folder exactly
     if m.schedule_from_folder:
         config.schedule.update(folder.schedule)
         log(f"schedule from {folder.component('scheduler')}: "
