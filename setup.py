@@ -24,12 +24,18 @@ setup(
         "scipy>=1.11",
         "tensorboardX>=2.6",
         "tqdm>=4.66",
+        "ml_dtypes>=0.4",          # bf16 tensors in safetensors files (also a jax dependency)
+        "transformers>=4.38",      # CLIPTokenizer of Stable Diffusion folders (no torch needed)
     ],
     extras_require={
-        # PyTorch references for numerical parity tests only; never imported by the trainer.
-        "test": ["pytest>=8.0", "torch==2.13.0", "diffusers==0.42.1", "transformers==5.24.0"],
-        # The model rewards (aesthetic, pickscore, hpsv2, clipscore): transformers' CLIPTokenizer;
-        # ftfy for open_clip's text cleaning (HPSv2); torch only to read .pt/.pth/.bin weights.
-        "rewards": ["transformers==5.24.0", "ftfy>=6.1"],
+        # PyTorch references for numerical parity tests (the trainer imports torch only to read
+        # .bin/.pt/.pth weights); pyarrow reads parquet prompt files (Pick-a-Pic); matplotlib
+        # draws the experiments' plots.
+        "test": ["pytest>=8.0", "torch==2.13.0", "diffusers==0.42.1", "transformers==5.24.0",
+                 "pyarrow>=15", "matplotlib>=3.8", "ftfy>=6.1"],
+        # ftfy: open_clip's text cleaning for HPSv2 prompts (without it, rare characters differ).
+        "rewards": ["ftfy>=6.1"],
+        # matplotlib: the plots of `python -m prdp_jax.experiments`.
+        "experiments": ["matplotlib>=3.8"],
     },
 )

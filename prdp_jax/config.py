@@ -23,9 +23,20 @@ def base_config() -> ml_collections.ConfigDict:
 
     # ---- Model ----
     c.model = m = ml_collections.ConfigDict()
-    m.source = "random"             # "random": fresh init from model.init_seed (reference = init).
+    m.source = "random"             # "random": fresh init from model.init_seed (reference = init);
+                                    # "world": the embedded world's base; "diffusers": model.path.
     m.init_seed = 0                 # Seed of the random init (reference and trainable start).
     m.dtype = "float32"             # Activation dtype of the UNet ("float32" or "bfloat16").
+    m.param_dtype = "float32"       # Stored dtype of every model weight, trainable and frozen
+                                    # ("float32" or "bfloat16"). AdamW moments and the gradient
+                                    # accumulator stay float32; bf16 trainable weights round away
+                                    # updates below ~2^-9 of a weight (lr 1e-5 is mostly below).
+    m.path = ""                     # "diffusers" source: local diffusers pipeline folder (SD 1.x/2.x).
+    m.resolution = 0                # "diffusers": image side in pixels; 0 = UNet sample_size x VAE
+                                    # downscale (512 for SD 1.x and 2.x-base, 768 for SD 2.x-v).
+    m.variant = ""                  # "diffusers": weight files to read: "" = full precision, else
+                                    # the .fp16. variant if only that exists; "fp16" = fp16 variant.
+    m.schedule_from_folder = True   # "diffusers": take `schedule` from scheduler_config.json.
     m.remat = False                 # Rematerialise UNet blocks in the backward pass (saves memory).
     m.tokenizer = "word"            # "word": closed vocabulary of the prompt sets.
     m.unet = ml_collections.ConfigDict(dict(   # Fields of diffusers' UNet2DConditionModel config.
@@ -79,7 +90,18 @@ def base_config() -> ml_collections.ConfigDict:
 
     # ---- Prompts ----
     c.prompts = ml_collections.ConfigDict()
-    c.prompts.train = "animals"     # Registered prompt set for training (see prdp_jax.prompts).
+    c.prompts.train = "animals"     # Prompt set for training: a registered name (prdp_jax.prompts),
+                                    # a file preset below, or "file:PATH[#FIELD]" (prompt_files.py).
+    c.prompts.field = ""            # Key/column of the prompt in "file:PATH" sets without "#FIELD".
+    c.prompts.files = ml_collections.ConfigDict(dict(  # Paths of downloaded prompt files, per preset.
+        hpdv2_train="",             # HPDv2 train.json (list of {prompt, ...}); also hpdv2_train_seen500.
+        hpdv2_anime="",             # HPDv2 benchmark/anime.json (list of 800 strings).
+        hpdv2_concept_art="",       # HPDv2 benchmark/concept-art.json.
+        hpdv2_paintings="",         # HPDv2 benchmark/paintings.json.
+        hpdv2_photo="",             # HPDv2 benchmark/photo.json.
+        pickapic_v1_train="",       # Pick-a-Pic v1 train parquet shard(s): file, folder or glob.
+        pickapic_v1_test="",        # Pick-a-Pic v1 test (or test_unique) parquet shard(s).
+    ))
 
     # ---- Reward ----
     c.reward = ml_collections.ConfigDict()
@@ -149,7 +171,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     # ---- Evaluation (fixed seeds, before and after training) ----
     c.eval = e = ml_collections.ConfigDict()
-    e.sets = ()                     # Registered prompt sets to evaluate; () = no evaluation.
+    e.sets = ()                     # Prompt sets to evaluate (names as for prompts.train); () = none.
     e.samples_per_prompt = 4        # Images per prompt (sample j of prompt i has a fixed key).
     e.max_prompts = 0               # Evaluate only the first this many prompts of a set (0 = all).
     e.batch_size = 64               # Trajectories per evaluation sampler call.
@@ -212,6 +234,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
                           f"got {c.ddpo.normalization!r}")
     if c.model.dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"model.dtype must be 'float32' or 'bfloat16', got {c.model.dtype!r}")
+    if c.model.param_dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"model.param_dtype must be 'float32' or 'bfloat16', "
+                          f"got {c.model.param_dtype!r}")
     if c.eval.sets and (c.eval.samples_per_prompt < 1 or c.eval.batch_size < 1):
         raise ConfigError("eval.samples_per_prompt and eval.batch_size must be >= 1")
     if c.mesh.devices < 0:

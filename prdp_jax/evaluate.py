@@ -153,7 +153,8 @@ class Evaluator:
             prompts = prompts[:limit] if limit else prompts
             results[name] = self.run(params, ref_params, frozen, prompts,
                                      self.config.eval.samples_per_prompt, name,
-                                     os.path.join(workdir, "eval", f"{label}_{name}.png")
+                                     os.path.join(workdir, "eval",
+                                                  f"{label}_{prompt_sets.slug(name)}.png")
                                      if grids else None, show_progress)
         if jax.process_index() == 0:
             os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)

@@ -65,7 +65,8 @@ def unet_from_config(config: ml_collections.ConfigDict) -> UNet:
         if isinstance(v, list):
             fields[k] = tuple(v)
     try:
-        unet = UNet(**fields, remat=bool(config.model.remat), dtype=DTYPES[config.model.dtype])
+        unet = UNet(**fields, remat=bool(config.model.remat), dtype=DTYPES[config.model.dtype],
+                    param_dtype=DTYPES[config.model.param_dtype])
     except TypeError as e:
         raise ConfigError(f"model.unet: {e}") from None
     unet.validate()
@@ -103,11 +104,18 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, log=print) -> Pipeline:
 
     'random': a fresh init from `model.init_seed` (reference = init), word tokenizer over the
       training prompt set's vocabulary;
-    'world': the embedded world's base model, pretrained on first use and cached (world/base.py).
+    'world': the embedded world's base model, pretrained on first use and cached (world/base.py);
+    'diffusers': Stable Diffusion from the local diffusers folder `model.path` (sd_pipeline.py).
     """
     source = config.model.source
+    if source == "diffusers":
+        from prdp_jax import sd_pipeline
+        return sd_pipeline.build(config, mesh, log=log)
     if source not in ("random", "world"):
-        raise ConfigError(f"model.source must be 'random' or 'world', got {source!r}")
+        raise ConfigError(f"model.source must be 'random', 'world' or 'diffusers', got {source!r}")
+    if source == "world" and config.model.param_dtype != "float32":
+        raise ConfigError("model.param_dtype must be 'float32' for the world source (its cached "
+                          "base is float32)")
     length = config.model.text_encoder.max_position_embeddings
     if source == "world":
         from prdp_jax.world import grammar

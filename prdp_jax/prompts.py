@@ -40,10 +40,18 @@ def names() -> tuple[str, ...]:
 
 
 def load(name: str, config=None) -> list[str]:
-    """The prompts of a registered set; one clear error for an unknown name or an empty set."""
+    """The prompts of a registered set, a file preset (`prompt_files.PRESETS`, path from
+    `config.prompts.files`) or a `file:PATH[#FIELD]` spec; one clear error for an unknown name or
+    an empty set."""
     _import_builtin()
+    from prdp_jax import prompt_files
+    if name.startswith("file:"):
+        return prompt_files.load_spec(name, config)
+    if name in prompt_files.PRESETS:
+        return prompt_files.load_preset(name, config)
     if name not in _REGISTRY:
-        raise ConfigError(f"unknown prompt set {name!r}; known: {', '.join(names())}")
+        raise ConfigError(f"unknown prompt set {name!r}; known: {', '.join(names())}, "
+                          f"{', '.join(sorted(prompt_files.PRESETS))} or file:PATH[#FIELD]")
     prompts = list(_REGISTRY[name](config))
     if not prompts:
         raise ConfigError(f"prompt set {name!r} is empty")
@@ -52,8 +60,15 @@ def load(name: str, config=None) -> list[str]:
 
 @register("animals")
 def animals(config=None) -> list[str]:
-    """'a painting of a <animal>' for the 45 common animals (paper, small scale)."""
+    """'a painting of a <animal>' for the 45 common animals (paper, small scale: "A painting of a
+    <animal>"; DDPO's code writes it lower-case, and CLIP's tokenizer lower-cases anyway)."""
     return [f"a painting of a {a}" for a in ANIMALS]
+
+
+def slug(name: str) -> str:
+    """A file-name-safe label for a prompt set name (file: specs hold paths)."""
+    import re
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "prompts"
 
 
 @register("animal_names")

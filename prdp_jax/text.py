@@ -5,6 +5,7 @@ BOS, tokens..., EOS, then padding.
 """
 from __future__ import annotations
 
+import os
 import re
 from typing import Iterable, Sequence
 
@@ -58,3 +59,36 @@ class WordTokenizer:
             ids = [self.bos_id] + [self.ids[w] for w in toks] + [self.eos_id]
             out[row, :len(ids)] = ids
         return out
+
+
+class CLIPTokenizer:
+    """transformers' `CLIPTokenizer` read from a folder (vocab.json, merges.txt, ...), padded and
+    truncated to `max_length` ids: BOS, tokens..., EOS, then the tokenizer's pad token.
+
+    Attributes:
+      max_length: ids per prompt (the text encoder's max_position_embeddings, 77 for SD).
+      vocab_size: the tokenizer's vocabulary size (added tokens included).
+    """
+
+    def __init__(self, path: str, max_length: int):
+        from prdp_jax.errors import WeightsError
+        try:
+            from transformers import CLIPTokenizer as HFCLIPTokenizer
+        except ImportError:
+            raise WeightsError(f"{path}: reading the CLIP tokenizer needs transformers "
+                               f"(pip install transformers)") from None
+        if not os.path.isdir(path):
+            raise WeightsError(f"{path}: tokenizer folder not found")
+        try:
+            self._tokenizer = HFCLIPTokenizer.from_pretrained(path)
+        except Exception as e:  # noqa: BLE001 - transformers raises many types for bad folders
+            raise WeightsError(f"{path}: not a readable CLIP tokenizer "
+                               f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        self.max_length = int(max_length)
+        self.vocab_size = len(self._tokenizer)
+
+    def __call__(self, prompts: Sequence[str]) -> np.ndarray:
+        """[N] strings -> [N, max_length] int32 ids (longer prompts are truncated, as in diffusers)."""
+        out = self._tokenizer(list(prompts), padding="max_length", max_length=self.max_length,
+                              truncation=True, return_tensors="np")
+        return np.asarray(out["input_ids"], np.int32)

@@ -49,12 +49,18 @@ class TrainState:
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """AdamW with decoupled weight decay after a global-norm clip (paper Table 4)."""
+    """AdamW with decoupled weight decay after a global-norm clip (paper Table 4).
+
+    Its state (both AdamW moments) is float32 whatever the params' dtype: `init` sees float32
+    params, and the float32 gradients keep it float32 through every update.
+    """
     t = config.train
-    return optax.chain(
+    opt = optax.chain(
         optax.clip_by_global_norm(t.max_grad_norm),
         optax.adamw(t.learning_rate, b1=t.adam_b1, b2=t.adam_b2, eps=t.adam_eps,
-                    weight_decay=t.weight_decay))
+                    weight_decay=t.weight_decay, mu_dtype=jnp.float32))
+    as_f32 = lambda params: jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params)
+    return optax.GradientTransformation(lambda params: opt.init(as_f32(params)), opt.update)
 
 
 def make_objective(config: ml_collections.ConfigDict) -> update.Objective:
@@ -255,7 +261,9 @@ class Trainer:
                              out_shardings=ps, donate_argnums=7)
         self._apply = jax.jit(partial(apply_gradients, self.optimizer),
                               out_shardings=(ps, None, repl), donate_argnums=(0, 1))
-        self._zeros = jax.jit(lambda p: jax.tree.map(jnp.zeros_like, p), out_shardings=ps)
+        # Gradients accumulate in float32 whatever the params' dtype.
+        self._zeros = jax.jit(lambda p: jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), p),
+                              out_shardings=ps)
         self._take = jax.jit(lambda x, m: x[m], out_shardings=batch)
 
     def scalar(self, i: int) -> jax.Array:
@@ -288,12 +296,13 @@ class Trainer:
             rewards=sds((M, n), jnp.float32, ep), advantages=sds((M, n), jnp.float32, ep))
         scalar = sds((), jnp.int32, self.repl)
         weights = sds((n, T), jnp.float32, self.batch)
+        grads = jax.tree.map(lambda a: sds(a.shape, jnp.float32, a.sharding), abstract.params)
         todo = {
             "sample": (self._sample, (abstract.params, frozen_abs, ctx, unc, key, idx)),
             "score": (self._score, (abstract.params, epoch, unc, scalar)),
             "grad_tile": (self._grad, (abstract.params, epoch, unc, weights, scalar, scalar, scalar,
-                                       abstract.params)),
-            "apply": (self._apply, (abstract.params, abstract.opt_state, abstract.params)),
+                                       grads)),
+            "apply": (self._apply, (abstract.params, abstract.opt_state, grads)),
         }
         times = {}
         for name, (fn, args) in todo.items():

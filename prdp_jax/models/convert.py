@@ -10,7 +10,8 @@ code converts every model and reports exactly which key is missing or mis-shaped
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+import re
+from typing import Any, Mapping, Sequence
 
 import flax
 import numpy as np
@@ -72,7 +73,8 @@ def flax_path_to_torch_key(path: tuple[str, ...]) -> str:
 
 
 def state_dict_to_params(state_dict: Mapping[str, Any], target: Any, *, prefix: str = "",
-                         source: str = "state dict", dtype: Any = np.float32) -> dict:
+                         source: str = "state dict", dtype: Any = np.float32,
+                         strict: bool = False, ignore: Sequence[str] = ()) -> dict:
     """Converts a PyTorch-layout state dict into a Flax param tree shaped like `target`.
 
     Args:
@@ -80,6 +82,9 @@ def state_dict_to_params(state_dict: Mapping[str, Any], target: Any, *, prefix: 
       target: a param tree (arrays or ShapeDtypeStructs) giving every expected path and shape.
       prefix: a key prefix to strip where present (e.g. 'text_model.').
       source: a file or folder name, used in error messages.
+      dtype: the numpy dtype of the returned arrays.
+      strict: also refuse keys that no target parameter takes (except those matching a regex in
+        `ignore`, e.g. buffers): weights for a larger model than the config describes.
     Returns:
       A nested dict of numpy arrays with exactly the target's paths and shapes.
     Raises:
@@ -104,7 +109,29 @@ def state_dict_to_params(state_dict: Mapping[str, Any], target: Any, *, prefix: 
             raise WeightsError(f"{source}: key {key!r} has shape {tuple(value.shape)}, the config "
                                f"expects {_torch_shape(path[-1], tuple(leaf_target.shape))}")
         out[path] = np.asarray(converted, dtype=dtype)
+    if strict:
+        used = {by_path.get(path[:-1] + (_LEAF_NAMES.get(path[-1], path[-1]),)) for path in flat_target}
+        extra = [k for k in state_dict if k not in used and not any(re.search(p, k) for p in ignore)]
+        if extra:
+            raise WeightsError(f"{source}: unexpected key {extra[0]!r} ({len(extra)} key(s) the "
+                               f"config has no parameter for: config and weights disagree)")
     return flax.traverse_util.unflatten_dict(out)
+
+
+_LEGACY_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+_LEGACY_ATTENTION_KEY = re.compile(r"^(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)$")
+
+
+def rename_legacy_attention(state_dict: Mapping[str, Any]) -> dict:
+    """Renames the VAE mid-block attention's legacy keys (query, key, value, proj_attn) to the
+    current ones (to_q, to_k, to_v, to_out.0); other keys pass through unchanged."""
+    out = {}
+    for key, value in state_dict.items():
+        m = _LEGACY_ATTENTION_KEY.match(key)
+        if m:
+            key = f"{m.group(1)}.{_LEGACY_ATTENTION[m.group(2)]}.{m.group(3)}"
+        out[key] = value
+    return out
 
 
 def params_to_state_dict(params: Any, *, prefix: str = "") -> dict[str, np.ndarray]:

@@ -77,13 +77,15 @@ class ResnetBlock2D(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, temb: jax.Array) -> jax.Array:
-        """x: [B, H, W, C_in], temb: [B, D_t] -> [B, H, W, out_channels]."""
+    def __call__(self, x: jax.Array, temb: Optional[jax.Array] = None) -> jax.Array:
+        """x: [B, H, W, C_in], temb: [B, D_t] or None (no time embedding, as in the VAE) ->
+        [B, H, W, out_channels]."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = nn.GroupNorm(self.groups, epsilon=self.eps, name="norm1", **kw)(x)
         h = conv3x3(self.out_channels, "conv1", **kw)(nn.silu(h))
-        t = nn.Dense(self.out_channels, name="time_emb_proj", **kw)(nn.silu(temb))
-        h = h + t[:, None, None, :]
+        if temb is not None:
+            t = nn.Dense(self.out_channels, name="time_emb_proj", **kw)(nn.silu(temb))
+            h = h + t[:, None, None, :]
         h = nn.GroupNorm(self.groups, epsilon=self.eps, name="norm2", **kw)(h)
         h = conv3x3(self.out_channels, "conv2", **kw)(nn.silu(h))
         if x.shape[-1] != self.out_channels:
