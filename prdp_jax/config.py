@@ -84,6 +84,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample = ml_collections.ConfigDict()
     c.sample.num_steps = 50         # Denoising steps T (paper: 50).
     c.sample.eta = 1.0              # DDIM eta; 1.0 is DDPM ancestral sampling (paper).
+    c.sample.final_step = "stochastic"  # "stochastic" (paper): the last step is a policy step with a
+                                    # log-prob; "deterministic": it outputs the clean prediction
+                                    # x0, noise-free and outside the policy (short chains: see
+                                    # diffusion.step_coefficients).
     c.sample.guidance_scale = 5.0   # Classifier-free guidance scale (paper: 5.0).
     c.sample.batch_size = 0         # Trajectories per sampler call; 0 = all of an epoch at once.
     c.sample.logprob_reduction = "mean"  # Per-step log-prob over latent elements: "mean" or "sum".
@@ -142,6 +146,9 @@ def base_config() -> ml_collections.ConfigDict:
     t.adam_b2 = 0.999               # AdamW beta2.
     t.adam_eps = 1e-8               # AdamW epsilon.
     t.max_grad_norm = 1.0           # Global-norm gradient clip.
+    t.rescore_old = False           # Re-score sampled transitions under theta_old and log the
+                                    # largest difference to the sampler's log-probs (a numerical
+                                    # check; otherwise the sampler's own log-probs are theta_old's).
     t.sampling = "online"           # "online": each epoch samples from the snapshot theta_old
                                     # (Algorithm 1); "offline": from the frozen reference (the
                                     # paper's offline RDP ablation), same prompts and budget.

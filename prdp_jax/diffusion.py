@@ -107,9 +107,12 @@ def make_schedule(beta_start: float = 0.00085, beta_end: float = 0.012,
 
 @dataclasses.dataclass(frozen=True)
 class StepCoefficients:
-    """Per-inference-step constants of the DDIM(eta) Gaussian policy, each a [T] float32 array.
+    """Per-step constants of the DDIM(eta) Gaussian policy, each a [T] float32 array over its T
+    stochastic steps, and optionally a deterministic last step.
 
     mean = c_x * x_t + c_out * model_output;  std = sigma (> 0 for eta > 0).
+    final: None, or (t, c_x, c_out) of a noise-free last step x_0 = c_x * x_t + c_out * output
+      (the model's clean prediction), which is not part of the policy: it has no log-prob.
     """
 
     t: np.ndarray
@@ -117,25 +120,52 @@ class StepCoefficients:
     c_x: np.ndarray
     c_out: np.ndarray
     sigma: np.ndarray
+    final: Optional[tuple[int, float, float]] = None
+
+    @property
+    def num_stochastic(self) -> int:
+        return int(self.t.shape[0])
 
 
-def step_coefficients(schedule: Schedule, num_steps: int, eta: float) -> StepCoefficients:
+FINAL_STEPS = ("stochastic", "deterministic")
+
+
+def step_coefficients(schedule: Schedule, num_steps: int, eta: float,
+                      final_step: str = "stochastic") -> StepCoefficients:
     """Folds the DDIM(eta) update into per-step affine coefficients (computed in float64).
 
     With alpha-bars a (at t) and a' (at t_prev) and variance v = (1-a')/(1-a) * (1 - a/a'):
       x0  = (x_t - sqrt(1-a) eps) / sqrt(a)
       mu  = sqrt(a') x0 + sqrt(1 - a' - eta^2 v) eps,   sigma = eta sqrt(v).
+    final_step="deterministic" replaces the last of the `num_steps` steps by the clean prediction
+    x0 (no noise, no log-prob). In a short chain that step jumps from a noisy state to alpha-bar ~1
+    with a tiny sigma, so its log-prob gradient is large and carries no reward information (the
+    noise it adds cannot change the image).
     """
     if not eta > 0:
         raise ConfigError(f"sample.eta must be > 0 for a stochastic policy with log-probs, got {eta}")
+    if final_step not in FINAL_STEPS:
+        raise ConfigError(f"sample.final_step must be one of {FINAL_STEPS}, got {final_step!r}")
+    deterministic = final_step == "deterministic"
+    if deterministic and num_steps < 2:
+        raise ConfigError("sample.final_step='deterministic' needs sample.num_steps >= 2")
     t, t_prev = schedule.timesteps(num_steps)
     a, a_prev = schedule.alpha_bars(num_steps)
+    final = None
+    if deterministic:
+        a_last, t_last = a[-1], int(t[-1])
+        if schedule.prediction_type == "epsilon":
+            final = (t_last, float(1 / np.sqrt(a_last)), float(-np.sqrt(1 - a_last) / np.sqrt(a_last)))
+        else:
+            final = (t_last, float(np.sqrt(a_last)), float(-np.sqrt(1 - a_last)))
+        t, t_prev, a, a_prev = t[:-1], t_prev[:-1], a[:-1], a_prev[:-1]
     variance = (1 - a_prev) / (1 - a) * (1 - a / a_prev)
     sigma = eta * np.sqrt(variance)
     if np.any(sigma <= 0):
         raise ConfigError(
             "a sampling step has zero variance (the schedule's last step reaches alpha-bar 1, "
-            "e.g. set_alpha_to_one=True), so its log-prob is undefined; set schedule.set_alpha_to_one=False")
+            "e.g. set_alpha_to_one=True), so its log-prob is undefined; set "
+            "schedule.set_alpha_to_one=False or sample.final_step='deterministic'")
     dir_coef = np.sqrt(np.maximum(1 - a_prev - sigma ** 2, 0.0))
     if schedule.prediction_type == "epsilon":
         # mu = sqrt(a')/sqrt(a) x_t + (dir - sqrt(a') sqrt(1-a)/sqrt(a)) eps
@@ -146,7 +176,8 @@ def step_coefficients(schedule: Schedule, num_steps: int, eta: float) -> StepCoe
         c_x = np.sqrt(a_prev) * np.sqrt(a) + dir_coef * np.sqrt(1 - a)
         c_out = -np.sqrt(a_prev) * np.sqrt(1 - a) + dir_coef * np.sqrt(a)
     f32 = lambda v: np.asarray(v, np.float32)
-    return StepCoefficients(t=t, t_prev=t_prev, c_x=f32(c_x), c_out=f32(c_out), sigma=f32(sigma))
+    return StepCoefficients(t=t, t_prev=t_prev, c_x=f32(c_x), c_out=f32(c_out), sigma=f32(sigma),
+                            final=final)
 
 
 def guide(out_uncond: jax.Array, out_cond: jax.Array, scale: float) -> jax.Array:

@@ -65,8 +65,9 @@ class Evaluator:
             raise ConfigError(f"eval.batch_size={self.batch} is not divisible by the {shards} batch "
                               f"shards (mesh.data x mesh.fsdp)")
         schedule = diffusion.make_schedule(**config.schedule.to_dict())
-        self.num_steps = config.sample.num_steps
-        coeffs = diffusion.step_coefficients(schedule, self.num_steps, config.sample.eta)
+        coeffs = diffusion.step_coefficients(schedule, config.sample.num_steps, config.sample.eta,
+                                             config.sample.final_step)
+        self.num_steps = coeffs.num_stochastic
         t = config.train
         traj = min(t.microbatch_trajectories, self.batch)
         traj -= traj % shards

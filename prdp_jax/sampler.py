@@ -21,18 +21,17 @@ class Trajectory:
     """A batch of denoising chains.
 
     Attributes:
-      latents: [B, T+1, H, W, C] float32, x_T (pure noise) first and x_0 last. Transition k is
-        (x_t, x_{t-1}) = (latents[:, k], latents[:, k+1]) at timestep coefficients index k.
+      latents: [B, T+1, H, W, C] float32, x_T (pure noise) first. Transition k is
+        (x_t, x_{t-1}) = (latents[:, k], latents[:, k+1]) at timestep coefficients index k; the T
+        transitions are the policy's stochastic steps.
       log_probs: [B, T] float32, log pi(x_{t-1} | x_t, c) under the sampling parameters.
+      final: [B, H, W, C] the samples x_0: latents[:, -1], or the deterministic last step's clean
+        prediction from it when the coefficients have one.
     """
 
     latents: jax.Array
     log_probs: jax.Array
-
-    @property
-    def final(self) -> jax.Array:
-        """[B, H, W, C] the final samples x_0."""
-        return self.latents[:, -1]
+    final: jax.Array
 
     @property
     def x_t(self) -> jax.Array:
@@ -45,6 +44,9 @@ class Trajectory:
         return self.latents[:, 1:]
 
 
+INIT_NOISE = 2 ** 32 - 1  # the fold-in index of the initial noise (steps use 0 .. T-1)
+
+
 def sample(denoiser: diffusion.Denoiser, params: chex.ArrayTree,
            coeffs: diffusion.StepCoefficients, context: jax.Array, uncond_context: jax.Array,
            keys: jax.Array, *, latent_shape: tuple[int, int, int], guidance_scale: float,
@@ -53,7 +55,8 @@ def sample(denoiser: diffusion.Denoiser, params: chex.ArrayTree,
 
     Args:
       denoiser: (params, x [B,H,W,C], t [B], context [B,L,D]) -> model output [B,H,W,C].
-      coeffs: the per-step policy coefficients (`diffusion.step_coefficients`), T steps.
+      coeffs: the per-step policy coefficients (`diffusion.step_coefficients`): T stochastic
+        steps, then the deterministic last step if it has one.
       context: [B, L, D] prompt embeddings, one row per trajectory.
       uncond_context: [1, L, D] embedding of the empty prompt.
       keys: [B] PRNG keys, one per trajectory; its initial noise and every step's noise derive
@@ -63,7 +66,7 @@ def sample(denoiser: diffusion.Denoiser, params: chex.ArrayTree,
       reduce: "mean" or "sum" of the log-density over latent elements.
       constrain: optional fn applied to batch-leading arrays (a sharding constraint).
     Returns:
-      A Trajectory with latents [B, T+1, H, W, C] and log_probs [B, T].
+      A Trajectory with latents [B, T+1, H, W, C], log_probs [B, T] and final [B, H, W, C].
     """
     chex.assert_rank(context, 3)
     constrain = constrain or (lambda x: x)
@@ -72,7 +75,9 @@ def sample(denoiser: diffusion.Denoiser, params: chex.ArrayTree,
     chex.assert_shape(keys, (batch,))
     shape = tuple(latent_shape)
     normal = jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))
-    x_init = constrain(normal(jax.vmap(jax.random.fold_in, (0, None))(keys, num_steps)))
+    # x_T from fold_in(key, INIT), step k's noise from fold_in(key, k): a chain's draws do not
+    # depend on its length, so chains that share a prefix of steps share its noise.
+    x_init = constrain(normal(jax.vmap(jax.random.fold_in, (0, None))(keys, INIT_NOISE)))
     xs = (jnp.asarray(coeffs.t), jnp.asarray(coeffs.c_x), jnp.asarray(coeffs.c_out),
           jnp.asarray(coeffs.sigma), jnp.arange(num_steps))
 
@@ -85,6 +90,12 @@ def sample(denoiser: diffusion.Denoiser, params: chex.ArrayTree,
         x_prev = constrain(x_prev)
         return x_prev, (x_prev, log_prob)
 
-    _, (chain, log_probs) = jax.lax.scan(body, x_init, xs)
+    x_last, (chain, log_probs) = jax.lax.scan(body, x_init, xs)
     latents = jnp.concatenate([x_init[:, None], jnp.moveaxis(chain, 0, 1)], axis=1)
-    return Trajectory(latents=constrain(latents), log_probs=constrain(log_probs.T))
+    final = x_last
+    if coeffs.final is not None:
+        t, c_x, c_out = coeffs.final
+        out = diffusion.guided_output(denoiser, params, x_last, jnp.full((batch,), t, jnp.int32),
+                                      context, uncond_context, guidance_scale)
+        final = constrain(c_x * x_last + c_out * out)
+    return Trajectory(latents=constrain(latents), log_probs=constrain(log_probs.T), final=final)

@@ -199,8 +199,8 @@ class Trainer:
                                   f"shards (mesh.data x mesh.fsdp); change the batch or the mesh")
         self.schedule = diffusion.make_schedule(**config.schedule.to_dict())
         self.coeffs = diffusion.step_coefficients(self.schedule, config.sample.num_steps,
-                                                  config.sample.eta)
-        self.num_steps = config.sample.num_steps
+                                                  config.sample.eta, config.sample.final_step)
+        self.num_steps = self.coeffs.num_stochastic  # the policy's steps (transitions per chain)
         self.tiling = update.Tiling(self.mb_traj, self.num_steps,
                                     trajectories=min(t.microbatch_trajectories, self.mb_traj),
                                     steps=t.microbatch_steps, shards=self.shards)
@@ -378,11 +378,12 @@ class Trainer:
 
     def prepare_epoch(self, params, ref_params, sampled: dict, advantages: np.ndarray,
                       epoch: int) -> tuple[update.Minibatch, dict]:
-        """Arranges the epoch's samples into minibatches (pass 0's shuffle) and re-scores every
-        transition under theta_old (= params) and the reference.
+        """Arranges the epoch's samples into minibatches (pass 0's shuffle) and scores every
+        transition under the reference, and under theta_old (= params) when the sampler's own
+        log-probs cannot serve (offline sampling) or `train.rescore_old` asks for the check.
 
         Returns:
-          (epoch data with leading dims [M, n], {drift, logprob_resample_mismatch, score_time}).
+          (epoch data with leading dims [M, n], {drift, score_time[, logprob_resample_mismatch]}).
         """
         t0 = time.perf_counter()
         uncond = sampled["uncond"]
@@ -392,12 +393,17 @@ class Trainer:
                                    put(sampled["rewards"]), put(advantages), put(perm))
         sampler_log_probs = epoch_data.log_probs_old
         ms = [self.scalar(m) for m in range(self.num_minibatches)]
-        old = jnp.stack([self._score(params, epoch_data, uncond, m) for m in ms])
+        offline = self.config.train.sampling == "offline"
+        info = {}
+        if offline or self.config.train.rescore_old:
+            old = jnp.stack([self._score(params, epoch_data, uncond, m) for m in ms])
+            if not offline:
+                info["logprob_resample_mismatch"] = float(jnp.abs(old - sampler_log_probs).max())
+        else:
+            old = sampler_log_probs
         ref = jnp.stack([self._score(ref_params, epoch_data, uncond, m) for m in ms])
-        mismatch = float(jnp.abs(old - sampler_log_probs).max())
         epoch_data = self._set_log_probs(epoch_data, old, ref)
-        info = dict(drift=float((old - ref).mean()), logprob_resample_mismatch=mismatch,
-                    score_time=time.perf_counter() - t0)
+        info.update(drift=float((old - ref).mean()), score_time=time.perf_counter() - t0)
         return epoch_data, info
 
     def update_epoch(self, state: TrainState, frozen, ref_params, sampled: dict,
@@ -465,7 +471,9 @@ class Trainer:
             + " ".join(f"{k}={v}" for k, v in self.mesh.shape.items())
             + f" | {jax.process_count()} process(es) | UNet {n_params / 1e6:.2f}M params",
             f"epoch: {N} prompts x {B} images = {self.num_traj} trajectories x {T} steps = "
-            f"{self.num_traj * T:,} transitions, sampled in batches of {self.sample_size}",
+            f"{self.num_traj * T:,} transitions"
+            + (" (+ a deterministic last step)" if self.coeffs.final else "")
+            + f", sampled in batches of {self.sample_size}",
             f"updates: {t.passes_per_epoch} pass(es) x {self.num_minibatches} minibatch(es) of "
             f"{t.prompts_per_minibatch} prompts = {t.passes_per_epoch * self.num_minibatches} "
             f"optimizer steps per epoch",

@@ -80,6 +80,29 @@ def test_sampling_step_matches_diffusers_ddim(prediction_type, eta):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_deterministic_final_step_is_the_clean_prediction(prediction_type):
+    """final_step='deterministic': the first T-1 steps are unchanged policy steps, and the last one
+    outputs exactly diffusers' pred_original_sample (x0) at the last timestep."""
+    num_steps = 10
+    sched = diffusion.make_schedule(prediction_type=prediction_type)
+    full = diffusion.step_coefficients(sched, num_steps, 1.0)
+    det = diffusion.step_coefficients(sched, num_steps, 1.0, final_step="deterministic")
+    assert det.num_stochastic == num_steps - 1 and full.final is None
+    for name in ("t", "t_prev", "c_x", "c_out", "sigma"):
+        np.testing.assert_array_equal(getattr(det, name), getattr(full, name)[:-1])
+    ref = reference_scheduler(num_steps, prediction_type=prediction_type)
+    t, c_x, c_out = det.final
+    assert t == int(ref.timesteps[-1])
+    rng = np.random.default_rng(2)
+    x_t, out = (rng.normal(size=(2, 4, 4, 3)).astype(np.float32) for _ in range(2))
+    want = ref.step(torch.from_numpy(out), t, torch.from_numpy(x_t), eta=1.0,
+                    variance_noise=torch.zeros(2, 4, 4, 3)).pred_original_sample.numpy()
+    np.testing.assert_allclose(c_x * x_t + c_out * out, want, rtol=1e-5, atol=2e-5)
+    with pytest.raises(ConfigError, match="final_step must be one of"):
+        diffusion.step_coefficients(sched, num_steps, 1.0, final_step="nope")
+
+
 def test_ddpm_is_ddim_eta_one():
     """DDPM's posterior q(x_{t-1} | x_t, x0) with 'fixed_small' variance is DDIM with eta = 1."""
     sched = diffusion.make_schedule()

@@ -58,6 +58,27 @@ def test_sampler_records_the_log_probs_of_its_own_transitions():
     np.testing.assert_allclose(rescore(traj.latents), traj.log_probs, atol=1e-5)
 
 
+def test_deterministic_final_step_outputs_the_clean_prediction():
+    """With a deterministic last step the chain holds T-1 policy transitions (the same draws as the
+    full chain's first T-1) and `final` is the last step's clean prediction, not a latent."""
+    params, _ = params_pair()
+    full, ctx, uncond, _ = sample(params, 3, 4)
+    coeffs = diffusion.step_coefficients(diffusion.make_schedule(), 4, 1.0, final_step="deterministic")
+    keys = jax.random.split(jax.random.key(0), 3)
+    traj = jax.jit(functools.partial(sampler.sample, denoiser, coeffs=coeffs, latent_shape=SHAPE,
+                                     guidance_scale=GUIDANCE))(
+        params, context=ctx, uncond_context=uncond, keys=keys)
+    assert traj.latents.shape == (3, 4) + SHAPE and traj.log_probs.shape == (3, 3)
+    # The noise of step k derives from the trajectory key and k alone, whatever the chain length.
+    np.testing.assert_allclose(traj.latents, full.latents[:, :4], atol=1e-5)
+    np.testing.assert_allclose(traj.log_probs, full.log_probs[:, :3], atol=1e-5)
+    t, c_x, c_out = coeffs.final
+    out = diffusion.guided_output(denoiser, params, traj.latents[:, -1], jnp.full((3,), t, jnp.int32),
+                                  ctx, uncond, GUIDANCE)
+    np.testing.assert_allclose(traj.final, c_x * traj.latents[:, -1] + c_out * out, atol=1e-5)
+    np.testing.assert_array_equal(full.final, full.latents[:, -1])
+
+
 def test_a_trajectory_does_not_depend_on_its_batch():
     params, _ = params_pair()
     full, _, _, _ = sample(params, 4, 3, seed=7)

@@ -47,7 +47,7 @@ def test_one_device_equals_eight_devices(method):
     sampled = None
     for devices in (1, 8):
         config = tiny_config(method, **{"mesh.devices": devices, "train.microbatch_trajectories": 8,
-                                        "train.passes_per_epoch": 1})
+                                        "train.passes_per_epoch": 1, "train.rescore_old": True})
         trainer, pipe = build(config)
         frozen, ref = pipe.frozen_params(), pipe.unet_params()
         state = trainer.init_state(pipe.unet_params())
@@ -57,6 +57,9 @@ def test_one_device_equals_eight_devices(method):
             sampled = host(trainer.sample_epoch(state, frozen, prompts, 0, reward, False))
             advantages = np.random.default_rng(0).normal(size=16).astype(np.float32)
         epoch_data, info = trainer.prepare_epoch(state.params, ref, sampled, advantages, 0)
+        # Re-scoring theta_old's own samples reproduces the sampler's log-probs (exactly on the
+        # mesh that sampled them).
+        assert info["logprob_resample_mismatch"] <= (0.0 if devices == 1 else 1e-5)
         # A step after theta moved, so the clip and the max are both active.
         params = jax.tree.map(lambda p: p * 1.02, state.params)
         loss, grads, aux = trainer.minibatch_gradient(params, epoch_data, sampled["uncond"], 1)
