@@ -146,9 +146,11 @@ def base_config() -> ml_collections.ConfigDict:
     t.adam_b2 = 0.999               # AdamW beta2.
     t.adam_eps = 1e-8               # AdamW epsilon.
     t.max_grad_norm = 1.0           # Global-norm gradient clip.
-    t.rescore_old = False           # Re-score sampled transitions under theta_old and log the
-                                    # largest difference to the sampler's log-probs (a numerical
-                                    # check; otherwise the sampler's own log-probs are theta_old's).
+    t.rescore_old = True            # Score theta_old's log-probs with the update's own scorer
+                                    # (one extra forward pass per epoch), so the first update is
+                                    # exactly on-policy and the clip window is exact; False uses
+                                    # the sampler's log-probs, which differ by float rounding
+                                    # (~1e-6: as large as the paper's small-scale clip eps 1e-6).
     t.sampling = "online"           # "online": each epoch samples from the snapshot theta_old
                                     # (Algorithm 1); "offline": from the frozen reference (the
                                     # paper's offline RDP ablation), same prompts and budget.
