@@ -178,6 +178,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.rules = ()               # 'regex=spec' param sharding rules, e.g. 'kernel$=-,-,-,fsdp'.
     c.mesh.fsdp_min_size = 2 ** 14  # Unmatched params smaller than this stay replicated.
 
+    # ---- Multi-process runtime (one process per host; prdp_jax/runtime.py) ----
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.mode = "auto"     # "auto": join a multi-process job when the environment names
+                                    # one (JAX_COORDINATOR_ADDRESS, SLURM, Open MPI, Cloud TPU pod);
+                                    # "on": always call jax.distributed.initialize(); "off": never.
+    c.distributed.coordinator_address = ""  # "host:port" of process 0; "" = JAX_COORDINATOR_ADDRESS
+                                    # or the cluster's own (SLURM, TPU).
+    c.distributed.num_processes = -1  # Processes in the job; -1 = JAX_NUM_PROCESSES or the cluster's.
+    c.distributed.process_id = -1   # This process's index; -1 = JAX_PROCESS_ID or the cluster's.
+    c.distributed.timeout_s = 300   # Stop with an error if not every process joined by then.
+
     # ---- Evaluation (fixed seeds, before and after training) ----
     c.eval = e = ml_collections.ConfigDict()
     e.sets = ()                     # Prompt sets to evaluate (names as for prompts.train); () = none.

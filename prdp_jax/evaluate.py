@@ -21,6 +21,7 @@ import numpy as np
 
 from prdp_jax import diffusion, metrics as metrics_lib, sampler, sharding, update
 from prdp_jax import pipeline as pipeline_lib
+from prdp_jax import rewards as rewards_lib
 from prdp_jax import prompts as prompt_sets
 from prdp_jax.errors import ConfigError
 from prdp_jax.progress import progress
@@ -81,6 +82,7 @@ class Evaluator:
             config.sample.logprob_reduction, sharding.constrain_batch(mesh)),
             out_shardings=(batch, batch))
         self._encode = jax.jit(pipe.encode_text, out_shardings=self.repl)
+        self._head = jax.jit(lambda x, k: x[:k], static_argnums=1, out_shardings=self.repl)
 
     def run(self, params, ref_params, frozen, prompts: Sequence[str], samples_per_prompt: int,
             name: str = "", grid_path: str | None = None, show_progress: bool = True) -> dict:
@@ -107,22 +109,22 @@ class Evaluator:
                 params, ref_params, frozen, context, uncond, key,
                 sharding.put(prompt_index[sl], self.batch_sharding),
                 sharding.put(sample_index[sl], self.batch_sharding))
-            images = np.asarray(images)
             keep = np.arange(start, start + self.batch) < total
             batch_prompts = [prompts[i] for i in prompt_index[sl]]
-            value, info = self.reward_fn(images, batch_prompts,
-                                         [{"prompt_index": int(i)} for i in prompt_index[sl]])
-            rewards.append(np.asarray(value, np.float32)[keep])
+            value, info = rewards_lib.score(self.reward_fn, images, batch_prompts,
+                                            [{"prompt_index": int(i)} for i in prompt_index[sl]])
+            rewards.append(value[keep])
             if self.config.eval.shuffled_control:
                 # The same images against another prompt's caption: how much of the reward the
                 # caption explains (a caption-blind model scores the same on both).
                 other = [prompts[(i + 1) % P] for i in prompt_index[sl]]
-                shuffled.append(np.asarray(self.reward_fn(images, other, [{}] * len(other))[0],
-                                           np.float32)[keep])
-            infos.append({k: np.asarray(v)[keep] for k, v in info.items() if np.ndim(v) == 1})
-            drifts.append(np.asarray(drift)[keep])
-            if grid_path is not None:
-                grid.append(images[keep & (prompt_index[sl] < 4)])
+                shuffled.append(rewards_lib.score(self.reward_fn, images, other,
+                                                  [{}] * len(other))[0][keep])
+            infos.append({k: v[keep] for k, v in info.items() if np.ndim(v) == 1})
+            drifts.append(sharding.to_host(drift)[keep])
+            in_grid = int((keep & (prompt_index[sl] < 4)).sum())  # leading rows of the batch
+            if grid_path is not None and in_grid:
+                grid.append(sharding.to_host(self._head(images, in_grid)))
         rewards, drift = np.concatenate(rewards), np.concatenate(drifts)
         per_prompt = rewards.reshape(P, S).mean(1)
         out = {

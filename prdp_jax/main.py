@@ -3,7 +3,8 @@
     python -m prdp_jax.main --config configs/<file>.py[:recipe] [--workdir DIR] [--config.a.b=v]
 
 It parses the flags, sets up JAX (multi-host runtime, compilation cache) and calls
-`train.train_and_evaluate(config, workdir)`. Errors in user input print one line and exit 2.
+`train.train_and_evaluate(config, workdir)`. Errors in user input print one line and exit 2; a run
+stopped by SIGTERM checkpoints, says how far it got and exits 143; rerunning it resumes.
 """
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ def main(argv) -> None:
     if len(argv) > 1:
         fail(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.WARNING)  # JAX's backend probing is INFO-level noise here.
-    from prdp_jax import runtime, train
+    from prdp_jax import preemption, runtime, train
     from prdp_jax.errors import UserError
     try:
         runtime.setup(FLAGS.config)
@@ -70,6 +71,9 @@ def main(argv) -> None:
         train.train_and_evaluate(FLAGS.config, workdir)
     except UserError as e:
         fail(str(e))
+    except preemption.Preempted as e:
+        print(str(e), file=sys.stderr)
+        sys.exit(preemption.EXIT_CODE)
 
 
 if __name__ == "__main__":

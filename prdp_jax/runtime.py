@@ -1,9 +1,28 @@
-"""Process-level JAX setup: the persistent compilation cache (and, on pods, the distributed runtime)."""
+"""Process-level JAX setup: the multi-controller runtime and the persistent compilation cache.
+
+One process per host: `jax.distributed.initialize` joins them into one runtime whose devices form
+the global mesh. `distributed.mode="auto"` (the default) initialises it when the environment
+names a multi-process job, and stays single-process otherwise:
+  - JAX_COORDINATOR_ADDRESS (or distributed.coordinator_address) with JAX_NUM_PROCESSES and
+    JAX_PROCESS_ID (or the config fields): explicit, e.g. launch/local.sh or a custom launcher;
+  - SLURM with more than one task (SLURM_NTASKS > 1): JAX reads the SLURM variables;
+  - Open MPI with more than one rank (OMPI_COMM_WORLD_SIZE > 1);
+  - a Cloud TPU VM that is one worker of several (TPU_WORKER_HOSTNAMES lists more than one).
+If the processes have not all joined within `distributed.timeout_s`, every process stops with one
+`error:` line naming the coordinator, instead of hanging or crashing inside the runtime.
+"""
 from __future__ import annotations
 
 import os
+import sys
+import threading
+from typing import Optional
 
 import jax
+
+from prdp_jax.errors import ConfigError
+
+MODES = ("auto", "on", "off")
 
 
 def enable_compilation_cache(path: str) -> None:
@@ -17,5 +36,80 @@ def enable_compilation_cache(path: str) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+def _env_int(name: str) -> Optional[int]:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def cluster_kind(d) -> Optional[str]:
+    """Which multi-process job the environment (or config) describes, or None for one process."""
+    if d.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        return "explicit"
+    if (_env_int("SLURM_NTASKS") or 1) > 1:
+        return "slurm"
+    if (_env_int("OMPI_COMM_WORLD_SIZE") or 1) > 1:
+        return "openmpi"
+    hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+    if len(hosts) > 1:
+        return "cloud_tpu"
+    return None
+
+
+def initialize_distributed(d) -> None:
+    """Joins the multi-process runtime described by `config.distributed` (see module doc)."""
+    if d.mode not in MODES:
+        raise ConfigError(f"distributed.mode must be one of {MODES}, got {d.mode!r}")
+    if jax.distributed.is_initialized():
+        return
+    kind = cluster_kind(d) if d.mode == "auto" else ("explicit" if d.mode == "on" else None)
+    if kind is None:
+        return
+    if d.timeout_s <= 0:
+        raise ConfigError(f"distributed.timeout_s must be > 0, got {d.timeout_s}")
+    kwargs = {}
+    if kind == "explicit":
+        address = d.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+        count = d.num_processes if d.num_processes > 0 else _env_int("JAX_NUM_PROCESSES")
+        index = d.process_id if d.process_id >= 0 else _env_int("JAX_PROCESS_ID")
+        if address and (count is None or index is None):
+            raise ConfigError(f"distributed: coordinator {address} is set but the process count "
+                              f"and index are not; set JAX_NUM_PROCESSES and JAX_PROCESS_ID (or "
+                              f"distributed.num_processes / distributed.process_id)")
+        if address:
+            if not 0 <= index < count:
+                raise ConfigError(f"distributed: process id {index} is outside 0..{count - 1}")
+            kwargs = dict(coordinator_address=address, num_processes=count, process_id=index)
+    where = kwargs.get("coordinator_address", f"the {kind} coordinator")
+    who = (f"process {kwargs['process_id']} of {kwargs['num_processes']}" if kwargs
+           else "this process")
+    # The runtime aborts the process with a C++ stack trace when its own deadline passes; this
+    # watchdog says what is wrong first, in one line, and exits with the user-error status.
+    watchdog = threading.Timer(d.timeout_s, _give_up, args=(
+        f"the distributed runtime did not come up within distributed.timeout_s={d.timeout_s}s "
+        f"({who}, coordinator {where}); check that every process was started and that the "
+        f"coordinator address is reachable from this host",))
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        jax.distributed.initialize(initialization_timeout=int(d.timeout_s) + 60, **kwargs)
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise ConfigError(f"distributed: cannot initialise the runtime ({kind}): "
+                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    finally:
+        watchdog.cancel()
+
+
+def _give_up(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    os._exit(2)
+
+
 def setup(config) -> None:
+    """Everything a run needs before its first JAX computation (called once, by `main`)."""
+    initialize_distributed(config.distributed)
     enable_compilation_cache(config.log.compile_cache)

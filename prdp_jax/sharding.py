@@ -46,13 +46,33 @@ def mesh_shape(sizes: dict, num_devices: int) -> tuple[int, ...]:
     return tuple(shape)
 
 
+def num_slices(devices: Sequence[jax.Device]) -> int:
+    """How many TPU slices (ICI islands joined over DCN) the devices span; 1 elsewhere."""
+    return len({getattr(d, "slice_index", 0) for d in devices})
+
+
 def make_mesh(sizes: dict, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
-    """A ('data', 'fsdp', 'tensor') mesh over `devices` (default: all devices of all processes)."""
+    """A ('data', 'fsdp', 'tensor') mesh over `devices` (default: all devices of all processes).
+
+    On a multi-slice TPU job the 'data' axis spans the slices (its only collectives, the gradient
+    all-reduce, cross the data-centre network once per step) and everything else stays within a
+    slice's ICI; 'data' must then be a multiple of the slice count.
+    """
     devices = list(jax.devices() if devices is None else devices)
     if not devices:
         raise ConfigError("mesh: no devices")
     shape = mesh_shape(sizes, len(devices))
-    return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
+    axis_types = (AxisType.Auto,) * len(AXES)
+    slices = num_slices(devices)
+    if slices == 1:
+        return jax.make_mesh(shape, AXES, axis_types=axis_types, devices=devices)
+    if shape[0] % slices:
+        raise ConfigError(f"mesh: the devices span {slices} TPU slices, so mesh.data={shape[0]} "
+                          f"must be a multiple of {slices} (the data axis crosses slices)")
+    from jax.experimental import mesh_utils
+    ici = (shape[0] // slices,) + shape[1:]
+    grid = mesh_utils.create_hybrid_device_mesh(ici, (slices, 1, 1), devices)
+    return Mesh(grid, AXES, axis_types=axis_types)
 
 
 def mesh_from_config(mesh_config) -> Mesh:
@@ -175,10 +195,38 @@ def put(array: np.ndarray, target: NamedSharding) -> jax.Array:
     return jax.make_array_from_callback(array.shape, target, lambda index: array[index])
 
 
-def host_local_rows(sharding: NamedSharding, global_rows: int) -> np.ndarray:
-    """The sorted global row indices of a batch-sharded array held by this process's devices."""
-    index_map = sharding.addressable_devices_indices_map((global_rows,))
-    rows = set()
-    for index in index_map.values():
-        rows.update(range(*index[0].indices(global_rows)))
-    return np.array(sorted(rows), dtype=np.int64)
+def to_host(x) -> np.ndarray:
+    """The full value of a (possibly multi-host) array on every process, as numpy.
+
+    Arrays this process holds whole are copied; others are all-gathered across processes."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def local_rows(x: jax.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(global row indices [r], those rows [r, ...] as numpy) of a batch-sharded array that this
+    process's devices hold."""
+    pieces = {}
+    for shard in x.addressable_shards:
+        start, stop, _ = shard.index[0].indices(x.shape[0]) if shard.index else (0, x.shape[0], 1)
+        pieces.setdefault(start, (stop, shard.data))
+    rows, data = [], []
+    for start in sorted(pieces):
+        stop, block = pieces[start]
+        rows.append(np.arange(start, stop))
+        data.append(np.asarray(block))
+    return np.concatenate(rows), np.concatenate(data)
+
+
+def gather_rows(rows: np.ndarray, values, total: int) -> np.ndarray:
+    """Reassembles every process's rows (`local_rows`'s indices, and values computed from them on
+    the host; every process calls this) into the full [total, ...] array on every process."""
+    from jax.experimental import multihost_utils
+    rows = np.asarray(multihost_utils.process_allgather(np.asarray(rows, np.int64))).reshape(-1)
+    values = np.asarray(multihost_utils.process_allgather(np.asarray(values)))
+    values = values.reshape((-1,) + values.shape[2:])
+    out = np.empty((total,) + values.shape[1:], values.dtype)
+    out[rows] = values
+    return out

@@ -14,7 +14,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import flax
 import jax
@@ -28,7 +28,7 @@ from prdp_jax import checkpoint as ckpt_lib
 from prdp_jax import config as config_lib
 from prdp_jax import ddpo, diffusion, evaluate, metrics as metrics_lib, pipeline as pipeline_lib
 from prdp_jax import prompts as prompt_sets
-from prdp_jax import rdp, rewards as rewards_lib, sampler, sharding, update
+from prdp_jax import preemption, rdp, rewards as rewards_lib, sampler, sharding, update
 from prdp_jax.errors import ConfigError
 from prdp_jax.progress import progress
 
@@ -265,6 +265,8 @@ class Trainer:
         self._zeros = jax.jit(lambda p: jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), p),
                               out_shardings=ps)
         self._take = jax.jit(lambda x, m: x[m], out_shardings=batch)
+        # The first k rows of a batch, replicated (sample grids on any number of hosts).
+        self._head = jax.jit(lambda x, k: x[:k], static_argnums=1, out_shardings=repl)
 
     def scalar(self, i: int) -> jax.Array:
         """A replicated int32 scalar (compiled steps take indices as device arrays)."""
@@ -276,7 +278,8 @@ class Trainer:
         """Compiles the sampler, scorer, gradient and optimiser steps ahead of time and uses the
         compiled executables from then on.
 
-        Returns {name: seconds}; also logs XLA's memory analysis of each.
+        Returns {name: {seconds, temp_bytes, argument_bytes, output_bytes}} (XLA's memory
+        analysis of each program, per device); also logs them.
         """
         abstract = self.abstract_state()
         sds = lambda shape, dtype, s: jax.ShapeDtypeStruct(shape, dtype, sharding=s)
@@ -304,28 +307,37 @@ class Trainer:
                                        grads)),
             "apply": (self._apply, (abstract.params, abstract.opt_state, grads)),
         }
-        times = {}
+        stats = {}
         for name, (fn, args) in todo.items():
             start = time.perf_counter()
             compiled = fn.lower(*args).compile()
-            times[name] = time.perf_counter() - start
+            seconds = time.perf_counter() - start
             setattr(self, {"sample": "_sample", "score": "_score", "grad_tile": "_grad",
                            "apply": "_apply"}[name], compiled)
             mem = compiled.memory_analysis()
+            stats[name] = {"seconds": seconds}
             mem_txt = ""
             if mem is not None:
+                stats[name].update(temp_bytes=int(mem.temp_size_in_bytes),
+                                   argument_bytes=int(mem.argument_size_in_bytes),
+                                   output_bytes=int(mem.output_size_in_bytes))
                 mem_txt = (f", temp {mem.temp_size_in_bytes / 2**20:.1f} MiB, "
                            f"args {mem.argument_size_in_bytes / 2**20:.1f} MiB")
-            self.log(f"compiled {name:<9} in {times[name]:6.2f}s{mem_txt}")
-        return times
+            self.log(f"compiled {name:<9} in {seconds:6.2f}s{mem_txt}")
+        return stats
 
     # -- one epoch --------------------------------------------------------------------------------
 
     def sample_epoch(self, state: TrainState, frozen, prompts: list[str], epoch: int,
                      reward_fn: rewards_lib.Reward, show_progress: bool = True,
-                     sampler_params=None) -> dict:
+                     sampler_params=None, stop: Optional[Callable[[], bool]] = None
+                     ) -> Optional[dict]:
         """Samples and rewards an epoch's trajectories from theta_old = state.params (or from
-        `sampler_params`, e.g. the frozen reference for offline RDP), with the epoch's keys."""
+        `sampler_params`, e.g. the frozen reference for offline RDP), with the epoch's keys.
+
+        `stop` is asked after every sampler batch; when it says so the epoch is abandoned (None
+        is returned) and the state is untouched.
+        """
         c = self.config
         sampler_params = state.params if sampler_params is None else sampler_params
         B = self.images_per_prompt
@@ -350,19 +362,19 @@ class Trainer:
             sample_time += t1 - t0
             traj_prompts = [prompts[g // B] for g in index]
             meta = [{"prompt_index": int(g // B)} for g in index]
-            host_images = images if reward_fn.on_device else np.asarray(images)
-            value, info = reward_fn(host_images, traj_prompts, meta)
-            value = np.asarray(value, np.float32)
+            value, info = rewards_lib.score(reward_fn, images, traj_prompts, meta)
             if value.shape != (self.sample_size,):
                 raise ConfigError(f"reward {', '.join(self.config.reward.weights)} returned shape "
                                   f"{value.shape} for {self.sample_size} images; a reward must "
                                   f"return one float per image")
             rewards.append(value)
-            infos.append({k: np.asarray(v) for k, v in info.items()})
-            keep = index < grid_rows
-            if keep.any():
-                grid_images.append(np.asarray(images)[keep])
+            infos.append(info)
+            keep = int((index < grid_rows).sum())  # the grid's rows lead the epoch's trajectories
+            if keep:
+                grid_images.append(sharding.to_host(self._head(images, keep)))
             reward_time += time.perf_counter() - t1
+            if stop is not None and stop():
+                return None
         rewards = np.concatenate(rewards)
         info = {k: np.concatenate([d[k] for d in infos]) for k in infos[0]} if infos else {}
         return dict(batches=tuple(batches), prompt_context=prompt_context, uncond=uncond,
@@ -379,8 +391,8 @@ class Trainer:
     def prepare_epoch(self, params, ref_params, sampled: dict, advantages: np.ndarray,
                       epoch: int) -> tuple[update.Minibatch, dict]:
         """Arranges the epoch's samples into minibatches (pass 0's shuffle) and scores every
-        transition under the reference, and under theta_old (= params) when the sampler's own
-        log-probs cannot serve (offline sampling) or `train.rescore_old` asks for the check.
+        transition under the reference, and under theta_old (= params) unless
+        `train.rescore_old` is off and the sampler's own log-probs can serve (online sampling).
 
         Returns:
           (epoch data with leading dims [M, n], {drift, score_time[, logprob_resample_mismatch]}).
@@ -408,8 +420,13 @@ class Trainer:
 
     def update_epoch(self, state: TrainState, frozen, ref_params, sampled: dict,
                      advantages: np.ndarray, epoch: int,
-                     show_progress: bool = True) -> tuple[TrainState, dict]:
-        """Re-scores the epoch's transitions, then runs K passes of minibatch updates."""
+                     show_progress: bool = True, stop: Optional[Callable[[], bool]] = None
+                     ) -> Optional[tuple[TrainState, dict]]:
+        """Re-scores the epoch's transitions, then runs K passes of minibatch updates.
+
+        `stop` is asked after every optimiser step; when it says so the epoch is abandoned and
+        None is returned (the state's buffers were donated to the updates: resume from disk).
+        """
         M = self.num_minibatches
         uncond = sampled["uncond"]
         epoch_data, info = self.prepare_epoch(state.params, ref_params, sampled, advantages, epoch)
@@ -427,6 +444,8 @@ class Trainer:
             loss, grads, aux = self.minibatch_gradient(params, epoch_data, uncond, m, log_probs)
             params, opt_state, grad_norm = self._apply(params, opt_state, grads)
             records.append(dict(loss=loss, grad_norm=grad_norm, **aux))
+            if stop is not None and stop():
+                return None
         records = jax.device_get(records)
         update_time = time.perf_counter() - t0
         out = {k: float(np.mean([r[k] for r in records])) for k in records[0]}
@@ -545,7 +564,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
                if config.method == "ddpo" else None)
     writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
     start_epoch = checkpointer.latest_epoch()
-    if start_epoch is None:
+    resumed = start_epoch is not None
+    if not resumed:
         state = trainer.init_state(pipe.unet_params())
         start_epoch = 0
     else:
@@ -573,42 +593,77 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
     show = bool(config.log.progress) and is_main
     offline = config.train.sampling == "offline"
     after = None  # the final evaluation, when the last epoch's periodic one provides it
-    for epoch in progress(range(start_epoch, config.train.epochs), desc="epochs",
-                          initial=start_epoch, total=config.train.epochs, enabled=show):
-        t0 = time.perf_counter()
-        prompts = prompt_sampler.sample(config.train.prompts_per_epoch)
-        sampled = trainer.sample_epoch(state, frozen, prompts, epoch, reward_fn, show,
-                                       sampler_params=ref_params if offline else None)
-        advantages = advantages_for(config, tracker, prompts, sampled["rewards"])
-        state, upd = trainer.update_epoch(state, frozen, ref_params, sampled, advantages, epoch, show)
-        rewards = sampled["rewards"]
-        last = dict(reward_mean=float(rewards.mean()), reward_std=float(rewards.std()),
-                    **{f"reward/{k}": float(np.mean(v)) for k, v in sampled["reward_info"].items()
-                       if np.ndim(v) == 1},
-                    **upd, sample_time=sampled["sample_time"], reward_time=sampled["reward_time"],
-                    epoch_time=time.perf_counter() - t0)
-        if tracker is not None:
-            last.update({f"ddpo/{k}": v for k, v in tracker.stats().items()})
-        done = epoch + 1
-        every = config.eval.every_epochs
-        if evaluator is not None and every and done % every == 0:
-            final = done == config.train.epochs
-            after = evaluator.run_sets(state.params, ref_params, frozen,
-                                       "after" if final else f"epoch_{done:05d}", workdir, show,
-                                       grids=final)
-            last.update(evaluate.flatten(after))
-        writer.write(done, last)
-        say(f"epoch {epoch + 1}/{config.train.epochs} | reward {last['reward_mean']:.4f} "
-            f"+- {last['reward_std']:.4f} | loss {last['loss']:.4g} | clip {last['clip_frac']:.3f} "
-            f"| drift {last['drift']:.3g} | {last['epoch_time']:.1f}s")
-        if done % config.log.grid_every_epochs == 0 or epoch == 0:
-            save_sample_grid(workdir, done, sampled, config)
-        if done % config.checkpoint.every_epochs == 0 or done == config.train.epochs:
-            meta = {"prompt_position": prompt_sampler.position,
-                    "stat_tracker": tracker.state_dict() if tracker is not None else None}
-            checkpointer.save(done, state, meta)
-    checkpointer.close()
-    writer.close()
+    stop = preemption.StopSignal()
+    saved = start_epoch if resumed else None  # the last epoch whose state is on disk
+    checkpoint_meta = lambda: {
+        "prompt_position": prompt_sampler.position,
+        "stat_tracker": tracker.state_dict() if tracker is not None else None}
+    epoch, stopped = start_epoch, False
+    try:
+        for epoch in progress(range(start_epoch, config.train.epochs), desc="epochs",
+                              initial=start_epoch, total=config.train.epochs, enabled=show):
+            # `state` holds `epoch` completed epochs until the updates start; `meta` matches it.
+            meta = checkpoint_meta()
+            if stop.requested():
+                stopped = True
+                break
+            t0 = time.perf_counter()
+            prompts = prompt_sampler.sample(config.train.prompts_per_epoch)
+            sampled = trainer.sample_epoch(state, frozen, prompts, epoch, reward_fn, show,
+                                           sampler_params=ref_params if offline else None,
+                                           stop=stop.requested)
+            if sampled is None:
+                stopped = True
+                break
+            advantages = advantages_for(config, tracker, prompts, sampled["rewards"])
+            # A stop during the updates abandons the epoch only if its start is on disk;
+            # otherwise the epoch finishes and is saved below.
+            updated = trainer.update_epoch(state, frozen, ref_params, sampled, advantages, epoch,
+                                           show, stop=stop.requested if saved == epoch else None)
+            if updated is None:
+                stopped = True
+                break
+            state, upd = updated
+            done = epoch + 1
+            rewards = sampled["rewards"]
+            last = dict(reward_mean=float(rewards.mean()), reward_std=float(rewards.std()),
+                        **{f"reward/{k}": float(np.mean(v))
+                           for k, v in sampled["reward_info"].items() if np.ndim(v) == 1},
+                        **upd, sample_time=sampled["sample_time"],
+                        reward_time=sampled["reward_time"], epoch_time=time.perf_counter() - t0)
+            if tracker is not None:
+                last.update({f"ddpo/{k}": v for k, v in tracker.stats().items()})
+            every = config.eval.every_epochs
+            if evaluator is not None and every and done % every == 0:
+                final = done == config.train.epochs
+                after = evaluator.run_sets(state.params, ref_params, frozen,
+                                           "after" if final else f"epoch_{done:05d}", workdir,
+                                           show, grids=final)
+                last.update(evaluate.flatten(after))
+            writer.write(done, last)
+            say(f"epoch {done}/{config.train.epochs} | reward {last['reward_mean']:.4f} "
+                f"+- {last['reward_std']:.4f} | loss {last['loss']:.4g} "
+                f"| clip {last['clip_frac']:.3f} | drift {last['drift']:.3g} "
+                f"| {last['epoch_time']:.1f}s")
+            if done % config.log.grid_every_epochs == 0 or epoch == 0:
+                save_sample_grid(workdir, done, sampled, config)
+            if done % config.checkpoint.every_epochs == 0 or done == config.train.epochs:
+                checkpointer.save(done, state, checkpoint_meta())
+                saved = done
+        if stopped and epoch > 0 and saved != epoch:
+            # Stopped before this epoch's updates (an abandoned update implies saved == epoch):
+            # `state` is still that of `epoch` completed epochs, and `meta` is its metadata.
+            checkpointer.save(epoch, state, meta)
+            saved = epoch
+    finally:
+        stop.close()
+        checkpointer.close()
+        writer.close()
+    if stopped:
+        where = (f"the checkpoint of epoch {saved} is in {checkpointer.directory}" if saved
+                 else "no epoch had finished")
+        raise preemption.Preempted(f"stopped by SIGTERM in epoch {epoch + 1}; {where}; rerun the "
+                                   f"same command to resume")
     result = {"metrics": last, "state": state, "trainer": trainer}
     if evaluator is not None:
         if after is None:

@@ -12,8 +12,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Mapping, Sequence
 
+import jax
 import numpy as np
 
+from prdp_jax import sharding
 from prdp_jax.errors import ConfigError
 
 RewardFn = Callable[[Any, Sequence[str], Sequence[dict]], tuple[Any, dict]]
@@ -69,21 +71,43 @@ def combine(weights: Mapping[str, float], config: Any = None) -> Reward:
     all_on_device = all(r.on_device for _, r in parts.values())
 
     def fn(images, prompts, metadata):
-        total, info, host_images = 0.0, {}, None
+        total, info = 0.0, {}
         for name, (w, reward) in parts.items():
-            if reward.on_device:
+            if all_on_device:
                 value, sub = reward(images, prompts, metadata)
             else:
-                if host_images is None:
-                    host_images = np.asarray(images)
-                value, sub = reward(host_images, prompts, metadata)
-            value = value if all_on_device else np.asarray(value, np.float32)
+                value, sub = score(reward, images, prompts, metadata)
             info[name] = value
             info.update({f"{name}/{k}": v for k, v in sub.items()})
             total = total + w * value
         return total, info
 
     return Reward(fn, on_device=on_device)
+
+
+def score(reward: Reward, images, prompts: Sequence[str],
+          metadata: Sequence[dict]) -> tuple[np.ndarray, dict]:
+    """Runs a reward where the images are and returns the whole batch's results on every process.
+
+    Args:
+      images: [B, H, W, 3] in [0, 1]: a batch-sharded jax Array (on one host or many) or numpy.
+      prompts, metadata: B entries each, in batch order.
+    Returns:
+      (rewards [B] float32, info {name: [B] array}) as numpy. On-device rewards run on the sharded
+      batch; host rewards run on each process's own rows, and the results are gathered.
+    """
+    total = len(prompts)
+    if reward.on_device:
+        value, info = reward(images, prompts, metadata)
+        return (sharding.to_host(value).astype(np.float32),
+                {k: sharding.to_host(v) for k, v in info.items()})
+    if not isinstance(images, jax.Array) or images.is_fully_addressable:
+        value, info = reward(np.asarray(images), prompts, metadata)
+        return np.asarray(value, np.float32), {k: np.asarray(v) for k, v in info.items()}
+    rows, local = sharding.local_rows(images)
+    value, info = reward(local, [prompts[r] for r in rows], [metadata[r] for r in rows])
+    gather = lambda v: sharding.gather_rows(rows, np.asarray(v), total)
+    return gather(np.asarray(value, np.float32)), {k: gather(v) for k, v in info.items()}
 
 
 def _with_component(name: str, reward: Reward) -> Reward:
@@ -95,6 +119,6 @@ def _with_component(name: str, reward: Reward) -> Reward:
 
 def _import_builtin() -> None:
     # Importing a module registers its rewards.
-    from prdp_jax.rewards import jpeg  # noqa: F401
+    from prdp_jax.rewards import brightness, jpeg  # noqa: F401
     from prdp_jax.rewards import aesthetic, clipscore, hpsv2, pickscore  # noqa: F401
     from prdp_jax.world import alignment  # noqa: F401
