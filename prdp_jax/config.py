@@ -38,6 +38,9 @@ def base_config() -> ml_collections.ConfigDict:
                                     # the .fp16. variant if only that exists; "fp16" = fp16 variant.
     m.schedule_from_folder = True   # "diffusers": take `schedule` from scheduler_config.json.
     m.remat = False                 # Rematerialise UNet blocks in the backward pass (saves memory).
+    m.attention_chunk = 0           # UNet attention takes this many queries at a time (0 = all):
+                                    # bounds the [queries, keys] logits (SD 1.x at 512 px has 4096
+                                    # tokens at 64x64; 1024 cuts those buffers 4x). Same result.
     m.tokenizer = "word"            # "word": closed vocabulary of the prompt sets.
     m.unet = ml_collections.ConfigDict(dict(   # Fields of diffusers' UNet2DConditionModel config.
         sample_size=16,                        # Latent (here pixel) height and width.
@@ -177,6 +180,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.tensor = 1               # Tensor axis size (reserved; batch is not split over it).
     c.mesh.rules = ()               # 'regex=spec' param sharding rules, e.g. 'kernel$=-,-,-,fsdp'.
     c.mesh.fsdp_min_size = 2 ** 14  # Unmatched params smaller than this stay replicated.
+    c.mesh.cpu_devices = 0          # CPU-only hosts: split the cores into this many devices (the
+                                    # trainer then runs data-parallel over them; XLA:CPU gives each
+                                    # convolution one thread). 0 = auto: the most (up to one per
+                                    # core) that divide every batch, with the default mesh; 1 = one
+                                    # device. XLA_FLAGS' --xla_force_host_platform_device_count wins.
 
     # ---- Multi-process runtime (one process per host; prdp_jax/runtime.py) ----
     c.distributed = ml_collections.ConfigDict()

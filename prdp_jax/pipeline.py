@@ -65,7 +65,9 @@ def unet_from_config(config: ml_collections.ConfigDict) -> UNet:
         if isinstance(v, list):
             fields[k] = tuple(v)
     try:
-        unet = UNet(**fields, remat=bool(config.model.remat), dtype=DTYPES[config.model.dtype],
+        unet = UNet(**fields, remat=bool(config.model.remat),
+                    attention_chunk=int(config.model.attention_chunk),
+                    dtype=DTYPES[config.model.dtype],
                     param_dtype=DTYPES[config.model.param_dtype])
     except TypeError as e:
         raise ConfigError(f"model.unet: {e}") from None

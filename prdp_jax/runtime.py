@@ -13,7 +13,9 @@ If the processes have not all joined within `distributed.timeout_s`, every proce
 """
 from __future__ import annotations
 
+import importlib.util
 import os
+import re
 import sys
 import threading
 from typing import Optional
@@ -34,6 +36,67 @@ def enable_compilation_cache(path: str) -> None:
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin",
+                       "jax_rocm7_plugin", "libtpu", "jax_plugins.xla_cuda12")
+DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+
+
+def cpu_only() -> bool:
+    """Whether JAX will run on the CPU: JAX_PLATFORMS says so, or no accelerator plugin is
+    installed."""
+    platforms = os.environ.get("JAX_PLATFORMS", "").strip().lower()
+    if platforms:
+        return platforms.split(",")[0] == "cpu"
+    return not any(importlib.util.find_spec(p.split(".")[0]) is not None
+                   for p in ACCELERATOR_PLUGINS)
+
+
+def auto_cpu_devices(config, cores: int) -> int:
+    """The most devices (at most one per core) that divide every batch of the config, when the
+    mesh is the default data-parallel one over all devices; else 1."""
+    m, t = config.mesh, config.train
+    if m.devices or m.data != -1 or m.fsdp != 1 or m.tensor != 1:
+        return 1
+    B = t.images_per_prompt
+    epoch = t.prompts_per_epoch * B
+    sizes = [epoch, config.sample.batch_size or epoch, t.prompts_per_minibatch * B,
+             min(t.microbatch_trajectories, t.prompts_per_minibatch * B)]
+    if config.eval.sets:
+        sizes.append(config.eval.batch_size)
+    return max(d for d in range(1, max(cores, 1) + 1) if all(s % d == 0 for s in sizes))
+
+
+def configure_cpu_devices(config) -> int:
+    """On a CPU host, presents the cores as `mesh.cpu_devices` XLA devices (0 = auto), so the
+    trainer runs data-parallel over them. XLA:CPU runs each convolution on one thread, so one
+    device per core is up to 2x faster on convolution-heavy UNets. An explicit
+    --xla_force_host_platform_device_count in XLA_FLAGS wins; it must be set before JAX creates
+    its backends. Returns the device count it set (0 if it left XLA's default)."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    count = int(config.mesh.cpu_devices)
+    if DEVICE_COUNT_FLAG in flags or count == 1 or not cpu_only():
+        return 0
+    if count < 0:
+        raise ConfigError(f"mesh.cpu_devices must be 0 (auto) or a positive count, got {count}")
+    if count == 0:
+        count = auto_cpu_devices(config, cores())
+        if count == 1:
+            return 0
+    set_cpu_device_count(count)
+    return count
+
+
+def cores() -> int:
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0))
+
+
+def set_cpu_device_count(count: int) -> None:
+    """Makes the CPU backend `count` devices (before JAX creates its backends)."""
+    flags = re.sub(rf"{DEVICE_COUNT_FLAG}=\S+", "", os.environ.get("XLA_FLAGS", "")).strip()
+    os.environ["XLA_FLAGS"] = f"{flags} {DEVICE_COUNT_FLAG}={count}".strip()
 
 
 def _env_int(name: str) -> Optional[int]:
@@ -111,5 +174,6 @@ def _give_up(message: str) -> None:
 
 def setup(config) -> None:
     """Everything a run needs before its first JAX computation (called once, by `main`)."""
+    configure_cpu_devices(config)
     initialize_distributed(config.distributed)
     enable_compilation_cache(config.log.compile_cache)

@@ -51,7 +51,7 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, log=print) -> Pipeline:
                           "(e.g. --config.model.path=/data/stable-diffusion-v1-4)")
     folder = diffusers_folder.open_folder(
         m.path, dtype=DTYPES[m.dtype], param_dtype=DTYPES[m.param_dtype], remat=bool(m.remat),
-        variant=m.variant)
+        attention_chunk=int(m.attention_chunk), variant=m.variant)
     m.path = folder.path  # absolute: the run's config.json and fingerprint name the folder exactly
     if m.schedule_from_folder:
         config.schedule.update(folder.schedule)

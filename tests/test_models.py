@@ -99,3 +99,26 @@ def test_converter_names_missing_key_and_bad_shape():
     with pytest.raises(WeightsError, match=r"'final_layer_norm\.weight' has shape \(9,\), the config "
                                            r"expects \(8,\)"):
         state_dict_to_params(bad, abstract["params"], source="f.bin")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("chunk", [0, 4])
+def test_attention_kernels_match_dot_product_attention(dtype, chunk):
+    """The CPU matmul attention (its hand-written backward too) and query chunking give
+    jax.nn.dot_product_attention's values and gradients."""
+    from prdp_jax.models.unet import chunked_attention, matmul_attention
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.normal(size=(2, 16, 2, 8)), dtype)
+    k, v = (jnp.asarray(rng.normal(size=(2, 5, 2, 8)), dtype) for _ in range(2))
+    cot = jnp.asarray(rng.normal(size=(2, 16, 2, 8)), jnp.float32)
+    loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32) * cot)
+    kernel = (lambda q, k, v: chunked_attention(q, k, v, chunk)) if chunk else matmul_attention
+    tol = 1e-5 if dtype == jnp.float32 else 3e-2
+    np.testing.assert_allclose(np.asarray(kernel(q, k, v), np.float32),
+                               np.asarray(jax.nn.dot_product_attention(q, k, v), np.float32),
+                               atol=tol, rtol=tol)
+    got = jax.grad(loss(kernel), argnums=(0, 1, 2))(q, k, v)
+    want = jax.grad(loss(jax.nn.dot_product_attention), argnums=(0, 1, 2))(q, k, v)
+    for g, w in zip(got, want):
+        g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+        np.testing.assert_allclose(g, w, atol=tol * np.abs(w).max(), rtol=tol)

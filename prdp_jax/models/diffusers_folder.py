@@ -383,13 +383,14 @@ class Folder:
 
 
 def open_folder(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-                remat: bool = False, variant: str = "") -> Folder:
+                remat: bool = False, attention_chunk: int = 0, variant: str = "") -> Folder:
     """Reads a folder's configs and builds its modules (no weights are read).
 
     Args:
       dtype: activation dtype of the UNet, VAE (the text encoder runs in float32: once per epoch).
       param_dtype: dtype of every loaded weight.
       remat: rematerialise UNet blocks in the backward pass.
+      attention_chunk: the UNet's attention takes this many queries at a time (0 = all).
     """
     root = os.path.abspath(os.path.expanduser(path))
     check_layout(root)
@@ -400,7 +401,8 @@ def open_folder(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.f
     tcfg, tpath = cfg("text_encoder")
     scfg, spath = cfg("scheduler", "scheduler_config.json")
     try:
-        unet = UNet(**unet_fields(ucfg, upath), remat=remat, dtype=dtype, param_dtype=param_dtype)
+        unet = UNet(**unet_fields(ucfg, upath), remat=remat, attention_chunk=attention_chunk,
+                    dtype=dtype, param_dtype=param_dtype)
         unet.validate()
         vae = AutoencoderKL(**vae_fields(vcfg, vpath), dtype=dtype, param_dtype=param_dtype)
         vae.validate()
