@@ -52,6 +52,8 @@ def get_config(recipe: str = "small_hpsv2"):
     c.model.dtype = "bfloat16"         # bf16 activations; log-probs are computed in float32.
     c.model.param_dtype = "float32"    # float32 master weights (bf16 would round away lr-1e-5 updates).
     c.model.remat = True               # Rematerialise UNet blocks: backward memory per tile.
+    c.model.attention_chunk = 1024     # Attention 1024 queries at a time: the 4096-token layers'
+                                       # logits take a quarter of the memory (docs/memory_plan.md).
 
     # ---- Sampling: DDPM 50 steps, CFG 5 (paper) ----
     c.sample.num_steps = 50

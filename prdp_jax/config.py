@@ -38,9 +38,9 @@ def base_config() -> ml_collections.ConfigDict:
                                     # the .fp16. variant if only that exists; "fp16" = fp16 variant.
     m.schedule_from_folder = True   # "diffusers": take `schedule` from scheduler_config.json.
     m.remat = False                 # Rematerialise UNet blocks in the backward pass (saves memory).
-    m.attention_chunk = 0           # UNet attention takes this many queries at a time (0 = all):
-                                    # bounds the [queries, keys] logits (SD 1.x at 512 px has 4096
-                                    # tokens at 64x64; 1024 cuts those buffers 4x). Same result.
+    m.attention_chunk = 0           # UNet attention takes at most this many queries at a time
+                                    # (0 = all): bounds the [queries, keys] logits (SD 1.x at 512
+                                    # px has 4096 tokens at 64x64; 1024 cuts them 4x). Same result.
     m.tokenizer = "word"            # "word": closed vocabulary of the prompt sets.
     m.unet = ml_collections.ConfigDict(dict(   # Fields of diffusers' UNet2DConditionModel config.
         sample_size=16,                        # Latent (here pixel) height and width.

@@ -39,6 +39,8 @@ class Pipeline:
       unet_params: () -> the initial (and reference) UNet params, sharded.
       frozen_params: () -> {'text_encoder': ..., 'vae': ...} frozen params, sharded.
       abstract_unet_params: the UNet param tree as ShapeDtypeStructs with shardings.
+      gather: applied to the UNet params inside every denoiser call (jit): all-gathers them over
+        the 'fsdp' axis (sharding.gather_over_fsdp); identity by default.
     """
 
     unet: UNet
@@ -49,10 +51,11 @@ class Pipeline:
     unet_params: Callable[[], Any]
     frozen_params: Callable[[], Any]
     abstract_unet_params: Any
+    gather: Callable[[Any], Any] = lambda params: params
 
     def denoiser(self, params, x, t, context):
         """(params, x [B,H,W,C], t [B], context [B,L,D]) -> [B,H,W,C] model output."""
-        return self.unet.apply({"params": params}, x, t, context)
+        return self.unet.apply({"params": self.gather(params)}, x, t, context)
 
     def encode_text(self, frozen, ids: jax.Array) -> jax.Array:
         """[N, L] ids -> [N, L, D] last hidden states."""
@@ -158,4 +161,4 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, log=print) -> Pipeline:
     return Pipeline(
         unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, latent_shape=latent_shape,
         decode=pixel_decode, unet_params=unet_params, frozen_params=frozen_params,
-        abstract_unet_params=abstract)
+        abstract_unet_params=abstract, gather=sharding.gather_over_fsdp(unet_shardings))

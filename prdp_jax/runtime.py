@@ -65,6 +65,8 @@ def auto_cpu_devices(config, cores: int) -> int:
              min(t.microbatch_trajectories, t.prompts_per_minibatch * B)]
     if config.eval.sets:
         sizes.append(config.eval.batch_size)
+    if "pretrain" in config:  # the embedded world's base model pretraining
+        sizes.append(config.pretrain.batch_size)
     return max(d for d in range(1, max(cores, 1) + 1) if all(s % d == 0 for s in sizes))
 
 

@@ -97,5 +97,5 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, log=print) -> Pipeline:
     return Pipeline(
         unet=folder.unet, text_encoder=folder.text_encoder, tokenizer=tokenizer,
         latent_shape=shape, decode=decode, unet_params=unet_params, frozen_params=frozen_params,
-        abstract_unet_params=abstract)
+        abstract_unet_params=abstract, gather=sharding.gather_over_fsdp(unet_shardings))
 

@@ -102,7 +102,7 @@ def test_converter_names_missing_key_and_bad_shape():
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("chunk", [0, 4])
+@pytest.mark.parametrize("chunk", [0, 4, 6])
 def test_attention_kernels_match_dot_product_attention(dtype, chunk):
     """The CPU matmul attention (its hand-written backward too) and query chunking give
     jax.nn.dot_product_attention's values and gradients."""

@@ -200,3 +200,29 @@ def test_bad_distributed_settings_are_refused(env_vars, message, monkeypatch):
         monkeypatch.setenv(k, v)
     with pytest.raises(ConfigError, match=message):
         runtime.initialize_distributed(tiny_config().distributed)
+
+
+def test_cpu_hosts_split_into_devices_that_divide_every_batch(monkeypatch):
+    from prdp_jax import runtime
+    from test_train import load_config
+    config = load_config("jpeg_tiny")  # 32 trajectories, minibatches and tiles of 8
+    assert runtime.auto_cpu_devices(config, 2) == 2
+    assert runtime.auto_cpu_devices(config, 6) == 4   # 6 and 5 do not divide 8
+    assert runtime.auto_cpu_devices(config, 64) == 8
+    config.train.images_per_prompt = 3                # minibatches and tiles of 6, epochs of 24
+    assert runtime.auto_cpu_devices(config, 16) == 6
+    assert runtime.auto_cpu_devices(config, 5) == 3
+    config.mesh.fsdp = 2                              # a hand-made mesh is left alone
+    assert runtime.auto_cpu_devices(config, 16) == 1
+    # An explicit device count in XLA_FLAGS wins; otherwise the auto count is set there.
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=3")
+    assert runtime.configure_cpu_devices(load_config("jpeg_tiny")) == 0
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
+    monkeypatch.setattr(runtime, "cores", lambda: 2)
+    assert runtime.configure_cpu_devices(load_config("jpeg_tiny")) == 2
+    assert os.environ["XLA_FLAGS"] == ("--xla_cpu_enable_fast_math=false "
+                                       "--xla_force_host_platform_device_count=2")
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda")     # accelerator hosts are left alone
+    monkeypatch.setenv("XLA_FLAGS", "")
+    assert runtime.configure_cpu_devices(load_config("jpeg_tiny")) == 0

@@ -150,19 +150,19 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 
 
 def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk: int) -> jax.Array:
-    """Softmax attention computed `chunk` queries at a time, each chunk rematerialised in the
-    backward pass: the [chunk, L] logits of one chunk are live instead of all [N, L].
+    """Softmax attention computed at most `chunk` queries at a time (the largest divisor of N
+    that fits), each chunk rematerialised in the backward pass: the [chunk, L] logits of one
+    chunk are live instead of all [N, L].
 
     Args:
-      q: [B, N, H, D]; k, v: [B, L, H, D]; chunk: queries per chunk (N must be a multiple).
+      q: [B, N, H, D]; k, v: [B, L, H, D]; chunk: the most queries per chunk (0: one chunk).
     Returns:
       [B, N, H, D], equal to attention(q, k, v) up to rounding.
     """
     b, n, h, d = q.shape
     if not chunk or n <= chunk:
         return attention(q, k, v)
-    if n % chunk:
-        raise ConfigError(f"model.attention_chunk={chunk} must divide the {n} query tokens")
+    chunk = max(c for c in range(1, chunk + 1) if n % c == 0)
     blocks = jnp.moveaxis(q.reshape(b, n // chunk, chunk, h, d), 1, 0)
     one = jax.checkpoint(lambda qc: attention(qc, k, v))
     out = jax.lax.map(one, blocks)                                   # [N/chunk, B, chunk, H, D]
