@@ -10,7 +10,14 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import sys
+
+# SIGTERM counts from the first moment, before the heavy imports: recorded here until the
+# trainer's StopSignal takes over (a run stopped before its first epoch exits 143 too).
+_early_sigterm: list[int] = []
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda signum, frame: _early_sigterm.append(signum))
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -65,10 +72,11 @@ def main(argv) -> None:
     logging.set_verbosity(logging.WARNING)  # JAX's backend probing is INFO-level noise here.
     from prdp_jax import preemption, runtime, train
     from prdp_jax.errors import UserError
+    stop = preemption.StopSignal(received=bool(_early_sigterm))  # SIGTERM: stop at a safe point
     try:
         runtime.setup(FLAGS.config)
         workdir = FLAGS.workdir or default_workdir(FLAGS["config"].config_filename)
-        train.train_and_evaluate(FLAGS.config, workdir)
+        train.train_and_evaluate(FLAGS.config, workdir, stop=stop)
     except UserError as e:
         fail(str(e))
     except preemption.Preempted as e:

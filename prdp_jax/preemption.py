@@ -24,8 +24,8 @@ class Preempted(Exception):
 class StopSignal:
     """Records SIGTERM; `requested()` says, identically on every process, whether to stop."""
 
-    def __init__(self):
-        self._received = False
+    def __init__(self, received: bool = False):
+        self._received = received  # True: a SIGTERM came before this was installed
         self._previous = None
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)

@@ -540,8 +540,14 @@ def advantages_for(config: ml_collections.ConfigDict, tracker: Optional[ddpo.Per
     return ddpo.clip_advantages(adv, config.ddpo.adv_clip_max)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=print) -> dict:
-    """Trains (resuming from workdir's latest checkpoint if any) and returns the last metrics."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=print,
+                       stop: Optional[preemption.StopSignal] = None) -> dict:
+    """Trains (resuming from workdir's latest checkpoint if any) and returns the last metrics.
+
+    `stop` records SIGTERM; a caller that installs it before startup (`main`) makes a SIGTERM
+    during setup or compilation stop the run cleanly too. Without one, it is installed here, for
+    the epochs only.
+    """
     config_lib.validate(config)
     workdir = prepare_workdir(workdir)
     is_main = jax.process_index() == 0
@@ -593,7 +599,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
     show = bool(config.log.progress) and is_main
     offline = config.train.sampling == "offline"
     after = None  # the final evaluation, when the last epoch's periodic one provides it
-    stop = preemption.StopSignal()
+    own_stop = stop is None
+    stop = preemption.StopSignal() if own_stop else stop
     saved = start_epoch if resumed else None  # the last epoch whose state is on disk
     checkpoint_meta = lambda: {
         "prompt_position": prompt_sampler.position,
@@ -656,7 +663,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
             checkpointer.save(epoch, state, meta)
             saved = epoch
     finally:
-        stop.close()
+        if own_stop:
+            stop.close()
         checkpointer.close()
         writer.close()
     if stopped:

@@ -124,23 +124,33 @@ def latest(workdir):
 
 
 def test_killed_at_random_times_resumes_to_the_straight_run(tmp_path):
-    """kill -9 (twice) and SIGTERM at random moments, each followed by a resume, end with params
-    bitwise equal to an uninterrupted run's and the same metrics. kill -9 loses at most the
-    epoch in progress; SIGTERM exits 143 with every finished epoch on disk, even when checkpoints
-    are otherwise written every 3 epochs only."""
-    epochs = 10
+    """kill -9 (twice) and SIGTERM (in the epochs and at startup) at random moments, each
+    followed by a resume, end with params bitwise equal to an uninterrupted run's and the same
+    metrics. kill -9 loses at most the epoch in progress; SIGTERM exits 143 with every finished
+    epoch on disk, even when checkpoints are otherwise written every 3 epochs only."""
+    epochs = 8
     overrides = (f"train.epochs={epochs}",)
     t0 = time.perf_counter()
-    straight = subprocess.run(main_command(tmp_path / "straight", *overrides), cwd=ROOT,
-                              env=env(), capture_output=True, text=True, timeout=300)
+    with open(tmp_path / "straight.err", "w") as err_file:
+        proc = subprocess.Popen(main_command(tmp_path / "straight", *overrides), cwd=ROOT,
+                                env=env(), stdout=subprocess.PIPE, stderr=err_file, text=True)
+        epoch_times = [time.perf_counter() - t0 for line in proc.stdout
+                       if line.startswith("epoch ") and " | reward " in line]
+        code = proc.wait(timeout=300)
+    assert code == 0, (tmp_path / "straight.err").read_text()[-3000:]
     wall = time.perf_counter() - t0
-    assert straight.returncode == 0, straight.stderr[-3000:]
+    assert len(epoch_times) == epochs
     rng = np.random.default_rng(0)
-    runs = {"kill9": (signal.SIGKILL, ()), "kill9b": (signal.SIGKILL, ()),
-            "sigterm": (signal.SIGTERM, ("checkpoint.every_epochs=3",))}
-    for name, (sig, extra) in runs.items():
+    # kill -9 anywhere in the run (startup included); SIGTERM within the epochs, so that it
+    # lands between checkpoints, and once during startup (imports, build, compile).
+    runs = {"kill9": (signal.SIGKILL, (), (0.1 * wall, 0.9 * wall)),
+            "kill9b": (signal.SIGKILL, (), (0.1 * wall, 0.9 * wall)),
+            "sigterm": (signal.SIGTERM, ("checkpoint.every_epochs=3",),
+                        (epoch_times[0], epoch_times[-2])),
+            "sigterm_startup": (signal.SIGTERM, (), (0.2 * epoch_times[0], 0.6 * epoch_times[0]))}
+    for name, (sig, extra, window) in runs.items():
         workdir = tmp_path / name
-        code, logged, err = run_until_killed(workdir, rng.uniform(0.35, 0.95) * wall, sig,
+        code, logged, err = run_until_killed(workdir, rng.uniform(*window), sig,
                                              *overrides, *extra)
         assert code != 0, f"{name}: the run finished before the signal"
         if sig == signal.SIGKILL:

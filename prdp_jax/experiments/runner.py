@@ -52,8 +52,8 @@ SIZES = {
                  lr_grid=(1e-4, 3e-4, 1e-3)),
     # The CI smoke: a tiny model pretrained for a few steps, every code path once.
     "quick": Size(recipe="tiny", epochs=2, prompts_per_epoch=4, images_per_prompt=4,
-                  prompts_per_minibatch=2, eval_every=1, eval_prompts=4, eval_samples=2, seeds=1,
-                  lr_grid=(1e-3, 3e-3)),
+                  prompts_per_minibatch=2, eval_every=2, eval_prompts=4, eval_samples=2, seeds=1,
+                  lr_grid=(3e-3,)),
 }
 
 
@@ -97,6 +97,7 @@ def run_config(size: Size, scale: str, arm: Arm, seed: int, learning_rates: Mapp
     c.eval.shuffled_control = False
     c.log.progress = False
     c.log.grid_every_epochs = size.epochs
+    c.checkpoint.every_epochs = size.eval_every  # an interrupted run resumes from its last eval
     c.checkpoint.max_to_keep = 1
     c.seed = seed
     for k, v in arm.overrides.items():
