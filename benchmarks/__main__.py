@@ -42,6 +42,18 @@ TARGETS = (
 )
 
 
+def time_torch(row: dict, mode: str, ours_s: float, measure) -> None:
+    """Records PyTorch's median seconds `measure()` in `mode` and ours / theirs into `row`, or
+    the error if that mode fails (torch.compile fails in many ways on CPU)."""
+    try:
+        t = measure()
+    except Exception as e:  # noqa: BLE001
+        row[f"torch_{mode}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        return
+    row[f"torch_{mode}_s"] = t
+    row[f"ratio_vs_{mode}"] = ours_s / t
+
+
 def machine() -> dict:
     import jax
     import torch
@@ -108,13 +120,8 @@ def sampling_rows(case, size, rows):
             model = unet if mode == "eager" else torch.compile(unet)
             policy = theirs.Policy(model, coeffs, case.guidance, uncond)
             gen = torch.Generator().manual_seed(0)
-            try:
-                t = theirs.median_seconds(lambda: policy.sample(context, gen, shape), size.repeats)
-            except Exception as e:  # noqa: BLE001 - torch.compile fails in many ways on CPU
-                row[f"torch_{mode}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-                continue
-            row[f"torch_{mode}_s"] = t
-            row[f"ratio_vs_{mode}"] = jax_s / t
+            time_torch(row, mode, jax_s, lambda: theirs.median_seconds(
+                lambda: policy.sample(context, gen, shape), size.repeats))
         log(f"  sampling {case.name} B={batch}: ours {row['ours_images_per_s']:.1f} img/s, "
             f"ratio vs eager {row.get('ratio_vs_eager', float('nan')):.2f}")
         rows.append(row)
@@ -157,14 +164,9 @@ def update_rows(case, size, rows):
             unet = theirs.make_unet(case, ours.host_params(setup.params))
             model = unet if mode == "eager" else torch.compile(unet)
             policy = theirs.Policy(model, setup.trainer.coeffs, case.guidance, uncond)
-            try:
-                upd = theirs.Update(policy, latents, context, rewards, images, size.tile)
-                t = theirs.median_seconds(upd.step, size.repeats)
-            except Exception as e:  # noqa: BLE001
-                row[f"torch_{mode}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-                continue
-            row[f"torch_{mode}_s"] = t
-            row[f"ratio_vs_{mode}"] = jax_s / t
+            time_torch(row, mode, jax_s, lambda: theirs.median_seconds(
+                theirs.Update(policy, latents, context, rewards, images, size.tile).step,
+                size.repeats))
         log(f"  update {case.name} n={batch}: ours {row['ours_transitions_per_s']:.1f} "
             f"transitions/s, ratio vs eager {row.get('ratio_vs_eager', float('nan')):.2f}")
         rows.append(row)
