@@ -7,6 +7,7 @@ Config files under `configs/` start from `base_config()` and override what they 
 from __future__ import annotations
 
 import json
+import re
 
 import ml_collections
 
@@ -149,6 +150,11 @@ def base_config() -> ml_collections.ConfigDict:
     t.adam_b2 = 0.999               # AdamW beta2.
     t.adam_eps = 1e-8               # AdamW epsilon.
     t.max_grad_norm = 1.0           # Global-norm gradient clip.
+    t.trainable = ""                # Regex over UNet param paths ('/'-joined, e.g.
+                                    # 'down_blocks_1/attentions_0/.../attn2/to_k/kernel'): only
+                                    # matching params are finetuned (searched, not anchored); the
+                                    # rest stay at the base and get no optimiser state. "" = all
+                                    # (the paper's full finetune).
     t.rescore_old = True            # Score theta_old's log-probs with the update's own scorer
                                     # (one extra forward pass per epoch), so the first update is
                                     # exactly on-policy and the clip window is exact; False uses
@@ -248,6 +254,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if not c.ddpo.clip_range > 0:
         raise ConfigError(f"ddpo.clip_range must be > 0 (inf disables the clip), "
                           f"got {c.ddpo.clip_range}")
+    try:
+        re.compile(t.trainable)
+    except re.error as e:
+        raise ConfigError(f"train.trainable={t.trainable!r} is not a valid regex: {e}") from None
     if c.train.sampling not in SAMPLING:
         raise ConfigError(f"train.sampling must be one of {SAMPLING}, got {c.train.sampling!r}")
     if c.eval.every_epochs < 0:

@@ -135,6 +135,8 @@ class Evaluator:
             "drift_se": float(drift.reshape(P, S).mean(1).std(ddof=1) / math.sqrt(P)) if P > 1 else 0.0,
             "components": {k: float(np.concatenate([d[k] for d in infos]).mean()) for k in infos[0]},
             "seconds": time.perf_counter() - t0,
+            # Kept so that a before/after change gets its paired standard error (same seeds).
+            "per_prompt_reward": [float(v) for v in per_prompt],
         }
         if shuffled and P > 1:
             shuffled = np.concatenate(shuffled)
@@ -171,14 +173,25 @@ def flatten(results: dict) -> dict:
             if isinstance(v, (int, float)) and k not in ("prompts", "samples_per_prompt")}
 
 
+def change_se(before: dict, after: dict) -> float | None:
+    """Standard error of the reward change over prompts, pairing each prompt's before and after
+    samples (they share their seeds); None when the per-prompt rewards are not both recorded."""
+    b, a = before.get("per_prompt_reward"), after.get("per_prompt_reward")
+    if not b or not a or len(a) != len(b) or len(a) < 2:
+        return None
+    diff = np.asarray(a) - np.asarray(b)
+    return float(diff.std(ddof=1) / math.sqrt(len(diff)))
+
+
 def table(before: dict, after: dict | None = None) -> list[str]:
-    """A before/after table, one row per evaluation set: reward mean ± standard error, its change,
-    the drift from the reference after finetuning, and (when evaluated) the reward of the same
-    images scored against shuffled captions."""
+    """A before/after table, one row per evaluation set: reward mean ± standard error, its change
+    ± the paired standard error of the change (same prompts and seeds before and after), the drift
+    from the reference after finetuning, and (when evaluated) the reward of the same images scored
+    against shuffled captions."""
     shuffled = any("reward_shuffled_captions" in r for r in before.values())
     head = f"{'set':<20} {'prompts':>7}  {'before':>15}"
     if after is not None:
-        head += f"  {'after':>15}  {'change':>8}  {'drift (after)':>16}"
+        head += f"  {'after':>15}  {'change':>17}  {'drift (after)':>16}"
     if shuffled:
         head += "  shuffled captions" + (" (before/after)" if after is not None else "")
     lines = [head]
@@ -186,8 +199,10 @@ def table(before: dict, after: dict | None = None) -> list[str]:
         row = f"{name:<20} {b['prompts']:>7}  {b['reward_mean']:>7.4f} ± {b['reward_se']:.4f}"
         a = after.get(name) if after is not None else None
         if a is not None:
-            row += (f"  {a['reward_mean']:>7.4f} ± {a['reward_se']:.4f}  "
-                    f"{a['reward_mean'] - b['reward_mean']:>+8.4f}  "
+            se = change_se(b, a)
+            change = f"{a['reward_mean'] - b['reward_mean']:+.4f}" + (
+                f" ± {se:.4f}" if se is not None else "")
+            row += (f"  {a['reward_mean']:>7.4f} ± {a['reward_se']:.4f}  {change:>17}  "
                     f"{a['drift_mean']:>8.4f} ± {a['drift_se']:.4f}")
         if shuffled and "reward_shuffled_captions" in b:
             row += f"  {b['reward_shuffled_captions']:.4f}"

@@ -13,6 +13,7 @@ import functools
 import json
 import math
 import os
+import re
 import time
 from typing import Any, Callable, Optional
 
@@ -48,8 +49,25 @@ class TrainState:
     key: jax.Array
 
 
+def param_path(path) -> str:
+    """A param's tree path as 'down_blocks_1/attentions_0/.../kernel'."""
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def trainable_labels(pattern: str, params) -> Any:
+    """'train' / 'frozen' per param leaf: 'train' where `pattern` is found in its path."""
+    regex = re.compile(pattern)
+    labels = jax.tree_util.tree_map_with_path(
+        lambda path, _: "train" if regex.search(param_path(path)) else "frozen", params)
+    if "train" not in jax.tree.leaves(labels):
+        raise ConfigError(f"train.trainable={pattern!r} matches no UNet param; paths look like "
+                          f"{param_path(jax.tree_util.tree_flatten_with_path(params)[0][0][0])!r}")
+    return labels
+
+
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """AdamW with decoupled weight decay after a global-norm clip (paper Table 4).
+    """AdamW with decoupled weight decay after a global-norm clip (paper Table 4), on the params
+    that `train.trainable` selects (all by default; the others get zero updates and no state).
 
     Its state (both AdamW moments) is float32 whatever the params' dtype: `init` sees float32
     params, and the float32 gradients keep it float32 through every update.
@@ -59,6 +77,10 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
         optax.clip_by_global_norm(t.max_grad_norm),
         optax.adamw(t.learning_rate, b1=t.adam_b1, b2=t.adam_b2, eps=t.adam_eps,
                     weight_decay=t.weight_decay, mu_dtype=jnp.float32))
+    if t.trainable:
+        # The clip sees only the trainable gradients: frozen ones never move anything.
+        opt = optax.multi_transform({"train": opt, "frozen": optax.set_to_zero()},
+                                    functools.partial(trainable_labels, t.trainable))
     as_f32 = lambda params: jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params)
     return optax.GradientTransformation(lambda params: opt.init(as_f32(params)), opt.update)
 

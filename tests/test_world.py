@@ -156,3 +156,19 @@ def test_pretrain_finetune_evaluate_smoke(tmp_path):
     with pytest.raises(CheckpointError, match=r"base model .* different config .*world\.large_prompts"):
         train.train_and_evaluate(tiny_world_config(tmp_path / "base", **{"world.large_prompts": 65}),
                                  str(tmp_path / "run3"), log=logs.append)
+
+
+def test_reward_change_gets_a_paired_standard_error():
+    from prdp_jax import evaluate
+    before = {"s": dict(prompts=3, reward_mean=0.2, reward_se=0.0577,
+                        per_prompt_reward=[0.1, 0.2, 0.3])}
+    after = {"s": dict(prompts=3, reward_mean=0.31667, reward_se=0.0928, drift_mean=0.01,
+                       drift_se=0.001, per_prompt_reward=[0.2, 0.25, 0.5])}
+    # Differences 0.1, 0.05, 0.2: sample std 0.07638, over sqrt(3) prompts 0.04410.
+    assert evaluate.change_se(before["s"], after["s"]) == pytest.approx(0.04410, abs=1e-5)
+    row = evaluate.table(before, after)[1]
+    assert "+0.1167 ± 0.0441" in row
+    # Results without per-prompt rewards (older JSON) still print, without the paired error.
+    del before["s"]["per_prompt_reward"]
+    assert evaluate.change_se(before["s"], after["s"]) is None
+    assert "+0.1167  " in evaluate.table(before, after)[1]
