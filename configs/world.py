@@ -43,20 +43,30 @@ def get_config(recipe: str = "prdp"):
     c.schedule.prediction_type = "v_prediction"
     c.sample.num_steps = 10
     c.sample.guidance_scale = 5.0
+    # The last step (t=99 -> 0) is the clean prediction, not a policy step: as a Gaussian step its
+    # sigma is ~0.01, so its log-ratio dwarfs the other nine (drift ~14 vs ~0.001) and its
+    # gradient, not the steps that place and colour the objects, drives every update.
+    c.sample.final_step = "deterministic"
     c.prompts.train = "world_large"
     c.reward.weights = ({"alignment": 1.0, "jpeg_compressibility": 0.1} if recipe == "mix"
                         else {"alignment": 1.0})
     c.eval.sets = ("world_small", "world_large_sample", "world_heldout")
     c.eval.samples_per_prompt = 2
     c.eval.batch_size = 64
-    c.train.epochs = 12
+    c.train.epochs = 16
     c.train.prompts_per_epoch = 16
     c.train.images_per_prompt = 4
     c.train.passes_per_epoch = 1
     c.train.prompts_per_minibatch = 8
-    c.train.microbatch_trajectories = 32
-    c.train.microbatch_steps = 5
-    c.train.learning_rate = 2e-4
+    c.train.microbatch_trajectories = 32   # 32 x 3 tiles: the fastest on a 2-core CPU (update
+    c.train.microbatch_steps = 3           # 21 s/epoch vs 37 s for 32 x 9).
+    # Full-UNet updates lower the reward at every rate tried (2e-5..2e-4): with 32 trajectories
+    # per step the policy gradient is mostly noise, and noise along output-sensitive directions
+    # degrades the denoiser. Cross-attention only (7% of the UNet) keeps it intact.
+    c.train.trainable = "attn2"
+    c.train.learning_rate = 1e-4
+    # The sampler's own log-probs match a re-score to ~4e-6, far inside the clip (1e-2).
+    c.train.rescore_old = False
     c.prdp.beta = 1e-2
     c.prdp.clip_eps = 1e-2
     c.ddpo.clip_range = 1e-2
