@@ -501,6 +501,16 @@ class Trainer:
         where[prev] = np.arange(prev.size, dtype=prev.dtype)
         return where[new]
 
+    def _trainable_summary(self) -> str:
+        pattern = self.config.train.trainable
+        if not pattern:
+            return ""
+        abstract = self.pipe.abstract_unet_params
+        labels = jax.tree.leaves(trainable_labels(pattern, abstract))
+        n = sum(math.prod(a.shape) for a, l in zip(jax.tree.leaves(abstract), labels)
+                if l == "train")
+        return f", finetuning {n / 1e6:.3f}M (train.trainable={pattern!r})"
+
     def summary(self) -> list[str]:
         c, t = self.config, self.config.train
         B, N, T = self.images_per_prompt, self.num_prompts, self.num_steps
@@ -510,7 +520,8 @@ class Trainer:
         lines = [
             f"{c.method.upper()} | {len(self.mesh.devices.flat)} device(s), mesh "
             + " ".join(f"{k}={v}" for k, v in self.mesh.shape.items())
-            + f" | {jax.process_count()} process(es) | UNet {n_params / 1e6:.2f}M params",
+            + f" | {jax.process_count()} process(es) | UNet {n_params / 1e6:.2f}M params"
+            + self._trainable_summary(),
             f"epoch: {N} prompts x {B} images = {self.num_traj} trajectories x {T} steps = "
             f"{self.num_traj * T:,} transitions"
             + (" (+ a deterministic last step)" if self.coeffs.final else "")

@@ -141,6 +141,10 @@ def test_trainable_subset_trains_checkpoints_and_resumes(tmp_path):
         else:
             np.testing.assert_array_equal(x, y, err_msg=path)
     assert moved and min(moved) > 0
+    selected = sum(x.size for path, x in zip(paths, jax.tree.leaves(base))
+                   if "attn2/to_k" in path or "attn2/to_v" in path)
+    assert any(f"finetuning {selected / 1e6:.3f}M (train.trainable='attn2/to_(k|v)')" in line
+               for line in logs)
 
 
 def test_offline_sampling_draws_from_the_reference(tmp_path):
