@@ -179,7 +179,7 @@ def tree_shardings(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, str]] = (),
     Scalars (e.g. optimizer step counts) are replicated.
     """
     def one(path, leaf):
-        name = "/".join(_key_name(k) for k in path)
+        name = param_path(path)
         shape = tuple(getattr(leaf, "shape", ()))
         if not shape:
             return replicated(mesh)
@@ -193,6 +193,11 @@ def _key_name(key: Any) -> str:
         if hasattr(key, attr):
             return str(getattr(key, attr))
     return str(key)
+
+
+def param_path(path: Sequence[Any]) -> str:
+    """A tree path as the '/'-joined name that rules match: 'down_blocks_0/resnets_0/conv1/kernel'."""
+    return "/".join(_key_name(k) for k in path)
 
 
 def parse_rules(rules: Sequence[str]) -> list[tuple[str, str]]:

@@ -49,19 +49,15 @@ class TrainState:
     key: jax.Array
 
 
-def param_path(path) -> str:
-    """A param's tree path as 'down_blocks_1/attentions_0/.../kernel'."""
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-
-
 def trainable_labels(pattern: str, params) -> Any:
     """'train' / 'frozen' per param leaf: 'train' where `pattern` is found in its path."""
     regex = re.compile(pattern)
     labels = jax.tree_util.tree_map_with_path(
-        lambda path, _: "train" if regex.search(param_path(path)) else "frozen", params)
+        lambda path, _: "train" if regex.search(sharding.param_path(path)) else "frozen", params)
     if "train" not in jax.tree.leaves(labels):
+        first_path = jax.tree_util.tree_flatten_with_path(params)[0][0][0]
         raise ConfigError(f"train.trainable={pattern!r} matches no UNet param; paths look like "
-                          f"{param_path(jax.tree_util.tree_flatten_with_path(params)[0][0][0])!r}")
+                          f"{sharding.param_path(first_path)!r}")
     return labels
 
 

@@ -133,7 +133,7 @@ def test_trainable_subset_trains_checkpoints_and_resumes(tmp_path):
     assert any("resumed from" in line for line in logs)
     mesh = sharding.mesh_from_config(tiny_config().mesh)
     base = host(pipeline_lib.build(tiny_config(), mesh, log=lambda *a: None).unet_params())
-    paths = [train.param_path(k) for k, _ in jax.tree_util.tree_flatten_with_path(base)[0]]
+    paths = [sharding.param_path(k) for k, _ in jax.tree_util.tree_flatten_with_path(base)[0]]
     moved = []
     for path, x, y in zip(paths, jax.tree.leaves(host(out["state"].params)), jax.tree.leaves(base)):
         if "attn2/to_k" in path or "attn2/to_v" in path:
