@@ -30,9 +30,9 @@ setup(
     extras_require={
         # PyTorch references for numerical parity tests (the trainer imports torch only to read
         # .bin/.pt/.pth weights); pyarrow reads parquet prompt files (Pick-a-Pic); matplotlib
-        # draws the experiments' plots.
-        "test": ["pytest>=8.0", "torch==2.13.0", "diffusers==0.42.1", "transformers==5.24.0",
-                 "pyarrow>=15", "matplotlib>=3.8", "ftfy>=6.1"],
+        # draws the experiments' plots; pytest-xdist runs the suite on two workers (`-n 2`).
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "torch==2.13.0", "diffusers==0.42.1",
+                 "transformers==5.24.0", "pyarrow>=15", "matplotlib>=3.8", "ftfy>=6.1"],
         # ftfy: open_clip's text cleaning for HPSv2 prompts (without it, rare characters differ).
         "rewards": ["ftfy>=6.1"],
         # matplotlib: the plots of `python -m prdp_jax.experiments`.

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -105,16 +106,37 @@ def test_two_processes_of_four_devices_equal_one_process_of_eight(tmp_path):
         np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-4)
 
 
-def run_until_killed(workdir, delay, sig, *overrides):
-    """Starts the main command, sends `sig` after `delay` seconds; returns (returncode, epochs it
-    logged as done, its stderr)."""
-    proc = subprocess.Popen(main_command(workdir, *overrides), cwd=ROOT, env=env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(delay)
-    proc.send_signal(sig)
-    out, err = proc.communicate(timeout=300)
-    logged = [line for line in out.splitlines() if line.startswith("epoch ") and " | reward " in line]
-    return proc.returncode, len(logged), err
+def is_epoch_line(line):
+    return line.startswith("epoch ") and " | reward " in line
+
+
+def run_until_killed(workdir, after_epochs, delay, sig, *overrides):
+    """Starts the main command and sends `sig` `delay` seconds after it logged `after_epochs`
+    epochs (0: after its start); returns (returncode, epochs it logged as done, its stderr).
+    Timing from the run's own progress, not from another run's wall time, keeps the signal
+    inside the run when the machine is busier or idler than during the straight run."""
+    with open(os.path.join(str(workdir) + ".err"), "w+") as err_file:
+        proc = subprocess.Popen(main_command(workdir, *overrides), cwd=ROOT, env=env(),
+                                stdout=subprocess.PIPE, stderr=err_file, text=True)
+        logged, reached = [], threading.Event()
+
+        def read():
+            for line in proc.stdout:
+                logged.append(is_epoch_line(line))
+                if sum(logged) == after_epochs:
+                    reached.set()
+            reached.set()  # the run ended first: signal at once (the caller's asserts report it)
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        if after_epochs:
+            reached.wait(timeout=300)
+        time.sleep(delay)
+        proc.send_signal(sig)
+        code = proc.wait(timeout=300)
+        reader.join(timeout=60)
+        err_file.seek(0)
+        return code, sum(logged), err_file.read()
 
 
 def latest(workdir):
@@ -124,7 +146,7 @@ def latest(workdir):
 
 
 def test_killed_at_random_times_resumes_to_the_straight_run(tmp_path):
-    """kill -9 (twice) and SIGTERM (in the epochs and at startup) at random moments, each
+    """kill -9 and SIGTERM, each during startup and within the epochs, at random moments, each
     followed by a resume, end with params bitwise equal to an uninterrupted run's and the same
     metrics. kill -9 loses at most the epoch in progress; SIGTERM exits 143 with every finished
     epoch on disk, even when checkpoints are otherwise written every 3 epochs only."""
@@ -134,24 +156,24 @@ def test_killed_at_random_times_resumes_to_the_straight_run(tmp_path):
     with open(tmp_path / "straight.err", "w") as err_file:
         proc = subprocess.Popen(main_command(tmp_path / "straight", *overrides), cwd=ROOT,
                                 env=env(), stdout=subprocess.PIPE, stderr=err_file, text=True)
-        epoch_times = [time.perf_counter() - t0 for line in proc.stdout
-                       if line.startswith("epoch ") and " | reward " in line]
+        epoch_times = [time.perf_counter() - t0 for line in proc.stdout if is_epoch_line(line)]
         code = proc.wait(timeout=300)
     assert code == 0, (tmp_path / "straight.err").read_text()[-3000:]
-    wall = time.perf_counter() - t0
     assert len(epoch_times) == epochs
+    startup = epoch_times[0]
+    epoch = (epoch_times[-1] - epoch_times[0]) / (epochs - 1)
     rng = np.random.default_rng(0)
-    # kill -9 anywhere in the run (startup included); SIGTERM within the epochs, so that it
-    # lands between checkpoints, and once during startup (imports, build, compile).
-    runs = {"kill9": (signal.SIGKILL, (), (0.1 * wall, 0.9 * wall)),
-            "kill9b": (signal.SIGKILL, (), (0.1 * wall, 0.9 * wall)),
+    # (signal, extra overrides, epochs logged before it, seconds after that): kill -9 during
+    # startup (imports, build, compile, the first epoch) and within the epochs; SIGTERM within
+    # the epochs, so that it lands between checkpoints, and during startup.
+    runs = {"kill9_startup": (signal.SIGKILL, (), 0, rng.uniform(0.2, 0.9) * startup),
+            "kill9": (signal.SIGKILL, (), int(rng.integers(1, epochs - 1)), rng.uniform(0, epoch)),
             "sigterm": (signal.SIGTERM, ("checkpoint.every_epochs=3",),
-                        (epoch_times[0], epoch_times[-2])),
-            "sigterm_startup": (signal.SIGTERM, (), (0.2 * epoch_times[0], 0.6 * epoch_times[0]))}
-    for name, (sig, extra, window) in runs.items():
+                        int(rng.integers(1, epochs - 1)), rng.uniform(0, epoch)),
+            "sigterm_startup": (signal.SIGTERM, (), 0, rng.uniform(0.2, 0.6) * startup)}
+    for name, (sig, extra, after, delay) in runs.items():
         workdir = tmp_path / name
-        code, logged, err = run_until_killed(workdir, rng.uniform(*window), sig,
-                                             *overrides, *extra)
+        code, logged, err = run_until_killed(workdir, after, delay, sig, *overrides, *extra)
         assert code != 0, f"{name}: the run finished before the signal"
         if sig == signal.SIGKILL:
             assert code == -signal.SIGKILL
