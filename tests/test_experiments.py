@@ -26,5 +26,28 @@ def test_quick_experiments_write_every_finding(tmp_path):
             assert curve["eval"]["world_heldout"]["queries"][0] == 0  # the base model first
             assert len(curve["train_reward"]) == 2
     assert (out / "beta_tradeoff.png").stat().st_size > 0
+    # One reference evaluation, shared by every run: each curve starts at its numbers.
+    (shared,) = (runs / "before").iterdir()
+    base = json.loads(shared.read_text())["world_heldout"]["reward_mean"]
+    for name in FINDINGS:
+        for arm in json.loads((out / f"{name}.json").read_text())["arms"].values():
+            assert arm["curves"][0]["eval"]["world_heldout"]["reward"][0] == base
     page = (runs / "results.md").read_text()
     assert all(json.loads((out / f"{n}.json").read_text())["finding"] in page for n in FINDINGS)
+
+
+def test_reference_evaluation_key_ignores_the_method_and_reads_the_evaluation():
+    from prdp_jax.experiments import findings, runner
+    size = runner.SIZES["quick"]
+    prdp = runner.run_config(size, "small", findings.Arm("PRDP", {"method": "prdp"}), 0, {})
+    key = runner.reference_key(prdp)
+    ddpo = runner.run_config(size, "large", findings.Arm("DDPO", {"method": "ddpo",
+                                                                  "ddpo.clip_range": 1.0}), 2, {})
+    ddpo.train.learning_rate, ddpo.prdp.beta = 1.0, 1.0
+    assert runner.reference_key(ddpo) == key
+    for field, value in [("eval.seed", 1), ("sample.guidance_scale", 1.0),
+                         ("world.base_dir", "/elsewhere"), ("eval.max_prompts", 3),
+                         ("train.microbatch_steps", 1)]:
+        other = runner.run_config(size, "small", findings.Arm("PRDP", {"method": "prdp"}), 0, {})
+        runner.set_field(other, field, value)
+        assert runner.reference_key(other) != key, field

@@ -55,7 +55,8 @@ class Experiments:
             workdir = os.path.join(self.runs, scale, f"{method}-lr{lr:g}" if lr else method,
                                    arm.key(), f"seed{seed}")
             t0 = time.perf_counter()
-            curves.append(runner.run(config, workdir, log=lambda *a, **k: None))
+            curves.append(runner.run(config, workdir, log=lambda *a, **k: None,
+                                      reference_cache=os.path.join(self.runs, "before")))
             self.log(f"  {scale:<5} {arm.name:<26} seed {seed}: held-out "
                      f"{curves[-1]['eval'][report.HELDOUT]['reward'][-1]:.3f} "
                      f"({time.perf_counter() - t0:.0f}s)")

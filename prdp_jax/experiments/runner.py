@@ -5,10 +5,18 @@ and a seed, in its own work directory. A run that finished before (its eval/summ
 and its config.json matches) is read back instead of rerun; an interrupted one resumes from its
 checkpoint. Curves come from metrics.jsonl (one row per epoch, with the periodic evaluation) and
 eval/before.json (the base model, at zero reward queries).
+
+Every arm and seed of a size evaluates the same base model on the same fixed seeds, so the
+reference evaluation is computed once and shared: `run` keeps each before.json under
+`<runs>/before/<key>.json`, keyed by every config field the evaluation reads (the model, world,
+schedule, sampling, reward, evaluation and mesh sections; not the method, its hyperparameters or
+the run's seed), and places it in a new run's workdir, whose trainer then reads it instead of
+sampling it again (~40 s of a full-size run). The shared copy brings no before-grids.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.util
 import json
 import os
@@ -16,6 +24,7 @@ from typing import Callable, Mapping
 
 import ml_collections
 
+from prdp_jax import metrics as metrics_lib
 from prdp_jax import train
 from prdp_jax.config import to_json
 from prdp_jax.errors import ConfigError
@@ -109,15 +118,43 @@ def run_config(size: Size, scale: str, arm: Arm, seed: int, learning_rates: Mapp
     return c
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, log: Callable = print) -> dict:
-    """Trains (or reads back) one run; returns its curve (see `curve`)."""
+# Config sections the reference evaluation never reads (besides train, of which it reads only the
+# gradient tiling of its drift pass).
+NOT_READ_BY_EVALUATION = ("method", "seed", "prompts", "prdp", "ddpo", "log", "checkpoint")
+
+
+def reference_key(config: ml_collections.ConfigDict) -> str:
+    """A digest of every config field the base model's evaluation depends on."""
+    d = json.loads(to_json(config))
+    for k in NOT_READ_BY_EVALUATION:
+        d.pop(k, None)
+    d["train"] = {k: d["train"][k] for k in ("microbatch_trajectories", "microbatch_steps")}
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, log: Callable = print,
+        reference_cache: str | None = None) -> dict:
+    """Trains (or reads back) one run; returns its curve (see `curve`). With `reference_cache`
+    (a folder), the before-finetuning evaluation is shared between runs (module docstring)."""
     done = os.path.join(workdir, "eval", "summary.json")
     saved = os.path.join(workdir, "config.json")
+    before = os.path.join(workdir, "eval", "before.json")
+    shared = (os.path.join(reference_cache, reference_key(config) + ".json")
+              if reference_cache else None)
+    finished = False
     if os.path.exists(done) and os.path.exists(saved):
         with open(saved) as f:
-            if json.loads(to_json(config)) == json.load(f):
-                return curve(workdir, config)
-    train.train_and_evaluate(config, workdir, log=log)
+            finished = json.loads(to_json(config)) == json.load(f)
+    if not finished:
+        if shared and os.path.exists(shared) and not os.path.exists(before):
+            os.makedirs(os.path.dirname(before), exist_ok=True)
+            with open(shared) as f:
+                metrics_lib.atomic_write_json(before, json.load(f))
+        train.train_and_evaluate(config, workdir, log=log)
+    if shared and not os.path.exists(shared):
+        os.makedirs(reference_cache, exist_ok=True)
+        with open(before) as f:
+            metrics_lib.atomic_write_json(shared, json.load(f))
     return curve(workdir, config)
 
 
