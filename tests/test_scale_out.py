@@ -115,7 +115,7 @@ def run_until_killed(workdir, after_epochs, delay, sig, *overrides):
     epochs (0: after its start); returns (returncode, epochs it logged as done, its stderr).
     Timing from the run's own progress, not from another run's wall time, keeps the signal
     inside the run when the machine is busier or idler than during the straight run."""
-    with open(os.path.join(str(workdir) + ".err"), "w+") as err_file:
+    with open(f"{workdir}.err", "w+") as err_file:
         proc = subprocess.Popen(main_command(workdir, *overrides), cwd=ROOT, env=env(),
                                 stdout=subprocess.PIPE, stderr=err_file, text=True)
         logged, reached = [], threading.Event()
