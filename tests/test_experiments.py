@@ -47,7 +47,8 @@ def test_reference_evaluation_key_ignores_the_method_and_reads_the_evaluation():
     assert runner.reference_key(ddpo) == key
     for field, value in [("eval.seed", 1), ("sample.guidance_scale", 1.0),
                          ("world.base_dir", "/elsewhere"), ("eval.max_prompts", 3),
-                         ("train.microbatch_steps", 1)]:
+                         ("train.microbatch_steps", 1),
+                         ("prompts.files.hpdv2_anime", "/anime.json")]:
         other = runner.run_config(size, "small", findings.Arm("PRDP", {"method": "prdp"}), 0, {})
         runner.set_field(other, field, value)
         assert runner.reference_key(other) != key, field

@@ -9,9 +9,10 @@ eval/before.json (the base model, at zero reward queries).
 Every arm and seed of a size evaluates the same base model on the same fixed seeds, so the
 reference evaluation is computed once and shared: `run` keeps each before.json under
 `<runs>/before/<key>.json`, keyed by every config field the evaluation reads (the model, world,
-schedule, sampling, reward, evaluation and mesh sections; not the method, its hyperparameters or
-the run's seed), and places it in a new run's workdir, whose trainer then reads it instead of
-sampling it again (~40 s of a full-size run). The shared copy brings no before-grids.
+schedule, sampling, reward, evaluation, prompt-file and mesh sections; not the method, its
+hyperparameters, the training prompts or the run's seed), and places it in a new run's workdir,
+whose trainer then reads it instead of sampling it again (~40 s of a full-size run). The shared
+copy brings no before-grids.
 """
 from __future__ import annotations
 
@@ -119,8 +120,8 @@ def run_config(size: Size, scale: str, arm: Arm, seed: int, learning_rates: Mapp
 
 
 # Config sections the reference evaluation never reads (besides train, of which it reads only the
-# gradient tiling of its drift pass).
-NOT_READ_BY_EVALUATION = ("method", "seed", "prompts", "prdp", "ddpo", "log", "checkpoint")
+# gradient tiling of its drift pass, and prompts, whose file paths evaluation sets may name).
+NOT_READ_BY_EVALUATION = ("method", "seed", "prdp", "ddpo", "log", "checkpoint")
 
 
 def reference_key(config: ml_collections.ConfigDict) -> str:
@@ -129,6 +130,7 @@ def reference_key(config: ml_collections.ConfigDict) -> str:
     for k in NOT_READ_BY_EVALUATION:
         d.pop(k, None)
     d["train"] = {k: d["train"][k] for k in ("microbatch_trajectories", "microbatch_steps")}
+    d["prompts"].pop("train")
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
