@@ -52,3 +52,21 @@ def test_reference_evaluation_key_ignores_the_method_and_reads_the_evaluation():
         other = runner.run_config(size, "small", findings.Arm("PRDP", {"method": "prdp"}), 0, {})
         runner.set_field(other, field, value)
         assert runner.reference_key(other) != key, field
+
+
+def test_results_page_keeps_every_finished_finding_and_the_prose(tmp_path):
+    from prdp_jax.experiments import report
+    out, page = tmp_path / "results", tmp_path / "results.md"
+    out.mkdir()
+    page.write_text(f"# Results\n\nIntro.\n\n{report.BEGIN}\nold table\n{report.END}\n\nNotes.\n")
+    for name, held in (("beta", False), ("small_scale", True)):
+        (out / f"{name}.json").write_text(json.dumps(
+            {"finding": f"title {name}", "paper": "p", "measured": f"m {name}", "rule": "r",
+             "held": held}))
+    report.update_page(str(page), str(out), FINDINGS)
+    text = page.read_text()
+    assert text.startswith("# Results\n\nIntro.\n\n") and text.endswith("\n\nNotes.\n")
+    assert "old table" not in text and "large_scale" not in text
+    rows = [line for line in text.splitlines() if line.startswith("| title")]
+    assert rows == ["| title small_scale | p | m small_scale | r | yes |",
+                    "| title beta | p | m beta | r | no |"]  # in the findings' order

@@ -88,7 +88,7 @@ class Experiments:
                                        "chosen": chosen, "selected_on": report.LARGE})
         self.log(f"lr_sweep: chosen {chosen}")
 
-    def finding(self, name: str) -> tuple:
+    def finding(self, name: str) -> None:
         f = findings_lib.FINDINGS[name]
         lrs = self.learning_rates()
         beta = runner.world_config(self.size.recipe).prdp.beta
@@ -113,7 +113,6 @@ class Experiments:
             "arms": {f"{s}/{label}": {"summary": summaries[(s, label)],
                                       "curves": curves[(s, label)]} for s, label in curves}})
         self.log(f"{name}: {'held' if held else 'did not hold'}: {measured}")
-        return f.title, f.paper, measured, rule, held
 
 
 def main(argv=None) -> int:
@@ -131,9 +130,10 @@ def main(argv=None) -> int:
             ex.lr_sweep()
             return 0
         names = ORDER if args.finding == "all" else (args.finding,)
-        rows = {n: ex.finding(n) for n in names}
         page = os.path.join(os.path.dirname(os.path.abspath(out)), "results.md")
-        report.update_page(page, rows)
+        for n in names:  # the page is updated as each finding finishes
+            ex.finding(n)
+            report.update_page(page, out, ORDER)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -160,15 +160,21 @@ def plot_beta(path: str, summaries: dict) -> None:
     metrics_lib.atomic_write_bytes(path, buf.getvalue())
 
 
-def update_page(path: str, rows: dict) -> None:
-    """Rewrites the table between the markers of docs/results.md (the prose around it is kept).
-
-    rows: finding name -> (title, paper, measured, rule, held).
-    """
+def update_page(path: str, results_dir: str, order: Sequence[str]) -> None:
+    """Rewrites the table between the markers of docs/results.md from every finding whose
+    `<results_dir>/<finding>.json` exists, in `order` (the prose around the table is kept), so a
+    finding run on its own keeps the rows of the others."""
+    import json
     lines = [BEGIN, "", "| finding | paper | measured here (mean ± SE over seeds) | rule | held? |",
              "|---|---|---|---|---|"]
-    for title, paper, measured, rule, held in rows.values():
-        lines.append(f"| {title} | {paper} | {measured} | {rule} | {'yes' if held else 'no'} |")
+    for name in order:
+        result = os.path.join(results_dir, f"{name}.json")
+        if not os.path.exists(result):
+            continue
+        with open(result) as f:
+            r = json.load(f)
+        lines.append(f"| {r['finding']} | {r['paper']} | {r['measured']} | {r['rule']} | "
+                     f"{'yes' if r['held'] else 'no'} |")
     lines += ["", END]
     table = "\n".join(lines)
     text = open(path).read() if os.path.exists(path) else f"# Results\n\n{BEGIN}\n{END}\n"
