@@ -6,6 +6,7 @@ next to it; nothing is hand-tuned per method.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 from typing import Sequence
@@ -164,7 +165,6 @@ def update_page(path: str, results_dir: str, order: Sequence[str]) -> None:
     """Rewrites the table between the markers of docs/results.md from every finding whose
     `<results_dir>/<finding>.json` exists, in `order` (the prose around the table is kept), so a
     finding run on its own keeps the rows of the others."""
-    import json
     lines = [BEGIN, "", "| finding | paper | measured here (mean ± SE over seeds) | rule | held? |",
              "|---|---|---|---|---|"]
     for name in order:
