@@ -70,3 +70,37 @@ def test_results_page_keeps_every_finished_finding_and_the_prose(tmp_path):
     rows = [line for line in text.splitlines() if line.startswith("| title")]
     assert rows == ["| title small_scale | p | m small_scale | r | yes |",
                     "| title beta | p | m beta | r | no |"]  # in the findings' order
+
+
+def test_a_recorded_run_is_read_back_only_while_its_config_matches(tmp_path, monkeypatch):
+    from prdp_jax import train
+    from prdp_jax.experiments import findings, runner
+    size = runner.SIZES["quick"]
+    config = runner.run_config(size, "small", findings.Arm("PRDP", {"method": "prdp"}), 0, {})
+    record = tmp_path / "results" / "runs" / "seed0.json"
+    record.parent.mkdir(parents=True)
+    kept = {"queries": [16], "train_reward": [0.5], "drift": [0.01], "eval": {}}
+    record.write_text(json.dumps({"config": json.loads(runner.to_json(config)), "curve": kept}))
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a recorded run was trained again")
+    monkeypatch.setattr(train, "train_and_evaluate", no_training)
+    assert runner.run(config, str(tmp_path / "run"), record=str(record)) == kept
+
+    trained = []
+
+    def fake_training(config, workdir, log=print):  # writes what a finished run leaves
+        trained.append(workdir)
+        os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
+        with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+            f.write(json.dumps({"epoch": 1, "reward_mean": 0.7, "drift": 0.02}) + "\n")
+        before = {n: {"reward_mean": 0.1, "reward_se": 0.01} for n in config.eval.sets}
+        with open(os.path.join(workdir, "eval", "before.json"), "w") as f:
+            json.dump(before, f)
+    monkeypatch.setattr(train, "train_and_evaluate", fake_training)
+    config.seed = 1  # another run: the record no longer applies
+    out = runner.run(config, str(tmp_path / "run"), record=str(record))
+    assert trained and out["train_reward"] == [0.7]
+    assert out["eval"]["world_heldout"]["reward"] == [0.1]
+    assert json.loads(record.read_text()) == {"config": json.loads(runner.to_json(config)),
+                                              "curve": out}

@@ -7,7 +7,9 @@
 Findings: lr_sweep (run first, automatically), small_scale, large_scale, clipping, beta,
 online_offline. Each writes <out>/<finding>.json and plots, and updates the table of
 <out>/../results.md (docs/results.md for the full size). Runs live under --runs and are reused:
-rerunning a finding reads finished runs back and resumes interrupted ones.
+rerunning a finding reads finished runs back and resumes interrupted ones. Each finished run is
+also recorded (config and curve) under <out>/runs/, which is committed with the results, so a
+fresh checkout reads those runs back instead of training them again.
 """
 from __future__ import annotations
 
@@ -52,11 +54,13 @@ class Experiments:
         curves = []
         for seed in range(seeds or self.size.seeds):
             config = runner.run_config(self.size, scale, arm, seed, learning_rates, self.base_dir)
-            workdir = os.path.join(self.runs, scale, f"{method}-lr{lr:g}" if lr else method,
-                                   arm.key(), f"seed{seed}")
+            where = os.path.join(scale, f"{method}-lr{lr:g}" if lr else method,
+                                 runner.arm_key(self.size, arm))
             t0 = time.perf_counter()
-            curves.append(runner.run(config, workdir, log=lambda *a, **k: None,
-                                      reference_cache=os.path.join(self.runs, "before")))
+            curves.append(runner.run(
+                config, os.path.join(self.runs, where, f"seed{seed}"), log=lambda *a, **k: None,
+                reference_cache=os.path.join(self.runs, "before"),
+                record=os.path.join(self.out, "runs", where, f"seed{seed}.json")))
             self.log(f"  {scale:<5} {arm.name:<26} seed {seed}: held-out "
                      f"{curves[-1]['eval'][report.HELDOUT]['reward'][-1]:.3f} "
                      f"({time.perf_counter() - t0:.0f}s)")

@@ -13,6 +13,13 @@ schedule, sampling, reward, evaluation, prompt-file and mesh sections; not the m
 hyperparameters, the training prompts or the run's seed), and places it in a new run's workdir,
 whose trainer then reads it instead of sampling it again (~40 s of a full-size run). The shared
 copy brings no before-grids.
+
+Run folders are local and large (checkpoints), so each finished run also leaves a record, a small
+JSON file of its config and curve (`record=`; the experiments keep them under
+docs/results/runs/ and commit them). A record whose config equals the run's is read back instead
+of training again, on any machine: the findings of a later session build on the runs of an
+earlier one. A record whose config differs (the code or the size changed) is retrained and
+overwritten.
 """
 from __future__ import annotations
 
@@ -90,6 +97,20 @@ def set_field(config: ml_collections.ConfigDict, dotted: str, value) -> None:
     node[leaf] = value
 
 
+def arm_key(size: Size, arm: Arm) -> str:
+    """The folder name of an arm's runs: its overrides that change the world config, so that an
+    arm set to a config default (PRDP at the config's own beta) shares the runs of the plain arm."""
+    base = world_config(size.recipe)
+
+    def default(dotted):
+        node = base
+        for part in dotted.split("."):
+            node = node[part]
+        return node
+    changed = {k: v for k, v in arm.overrides.items() if k == "method" or default(k) != v}
+    return Arm(arm.name, changed).key()
+
+
 def run_config(size: Size, scale: str, arm: Arm, seed: int, learning_rates: Mapping[str, float],
                base_dir: str | None = None) -> ml_collections.ConfigDict:
     """The config of one run: the world recipe, the size, the scale, the arm, the seed."""
@@ -135,9 +156,17 @@ def reference_key(config: ml_collections.ConfigDict) -> str:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, log: Callable = print,
-        reference_cache: str | None = None) -> dict:
+        reference_cache: str | None = None, record: str | None = None) -> dict:
     """Trains (or reads back) one run; returns its curve (see `curve`). With `reference_cache`
-    (a folder), the before-finetuning evaluation is shared between runs (module docstring)."""
+    (a folder), the before-finetuning evaluation is shared between runs; with `record` (a JSON
+    path), a finished run is kept as, and read back from, its config and curve (module
+    docstring)."""
+    wanted = json.loads(to_json(config))
+    if record and os.path.exists(record):
+        with open(record) as f:
+            kept = json.load(f)
+        if kept.get("config") == wanted:
+            return kept["curve"]
     done = os.path.join(workdir, "eval", "summary.json")
     saved = os.path.join(workdir, "config.json")
     before = os.path.join(workdir, "eval", "before.json")
@@ -146,7 +175,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, log: Callable = print,
     finished = False
     if os.path.exists(done) and os.path.exists(saved):
         with open(saved) as f:
-            finished = json.loads(to_json(config)) == json.load(f)
+            finished = wanted == json.load(f)
     if not finished:
         if shared and os.path.exists(shared) and not os.path.exists(before):
             os.makedirs(os.path.dirname(before), exist_ok=True)
@@ -157,7 +186,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, log: Callable = print,
         os.makedirs(reference_cache, exist_ok=True)
         with open(before) as f:
             metrics_lib.atomic_write_json(shared, json.load(f))
-    return curve(workdir, config)
+    out = curve(workdir, config)
+    if record:
+        os.makedirs(os.path.dirname(record), exist_ok=True)
+        metrics_lib.atomic_write_json(record, {"config": wanted, "curve": out})
+    return out
 
 
 def curve(workdir: str, config: ml_collections.ConfigDict) -> dict:
