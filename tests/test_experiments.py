@@ -104,3 +104,14 @@ def test_a_recorded_run_is_read_back_only_while_its_config_matches(tmp_path, mon
     assert out["eval"]["world_heldout"]["reward"] == [0.1]
     assert json.loads(record.read_text()) == {"config": json.loads(runner.to_json(config)),
                                               "curve": out}
+
+
+def test_an_arm_set_to_a_config_default_shares_the_plain_arms_runs():
+    from prdp_jax.experiments import findings, runner
+    size = runner.SIZES["full"]
+    beta = runner.world_config(size.recipe).prdp.beta
+    low, same, high = findings.beta_arms(beta)
+    plain = findings.Arm("PRDP", {"method": "prdp"})
+    assert runner.arm_key(size, same) == runner.arm_key(size, plain) == "method=prdp"
+    assert runner.arm_key(size, low) == f"method=prdp,prdp.beta={beta * 0.1}"
+    assert runner.arm_key(size, high) != runner.arm_key(size, plain)
