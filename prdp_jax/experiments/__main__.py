@@ -51,11 +51,11 @@ class Experiments:
         """Per-seed curves of one arm at one scale (finished runs are read back)."""
         method = arm.overrides.get("method", "prdp")
         lr = learning_rates.get(method)
+        where = os.path.join(scale, f"{method}-lr{lr:g}" if lr else method,
+                             runner.arm_key(self.size, arm))
         curves = []
         for seed in range(seeds or self.size.seeds):
             config = runner.run_config(self.size, scale, arm, seed, learning_rates, self.base_dir)
-            where = os.path.join(scale, f"{method}-lr{lr:g}" if lr else method,
-                                 runner.arm_key(self.size, arm))
             t0 = time.perf_counter()
             curves.append(runner.run(
                 config, os.path.join(self.runs, where, f"seed{seed}"), log=lambda *a, **k: None,

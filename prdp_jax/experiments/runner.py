@@ -87,11 +87,16 @@ def world_config(recipe: str) -> ml_collections.ConfigDict:
     return module.get_config(recipe)
 
 
-def set_field(config: ml_collections.ConfigDict, dotted: str, value) -> None:
+def _walk(config: ml_collections.ConfigDict, parts) -> object:
     node = config
+    for part in parts:
+        node = node[part]
+    return node
+
+
+def set_field(config: ml_collections.ConfigDict, dotted: str, value) -> None:
     *parents, leaf = dotted.split(".")
-    for p in parents:
-        node = node[p]
+    node = _walk(config, parents)
     if leaf not in node:
         raise ConfigError(f"experiment override {dotted!r} is not a config field")
     node[leaf] = value
@@ -101,13 +106,8 @@ def arm_key(size: Size, arm: Arm) -> str:
     """The folder name of an arm's runs: its overrides that change the world config, so that an
     arm set to a config default (PRDP at the config's own beta) shares the runs of the plain arm."""
     base = world_config(size.recipe)
-
-    def default(dotted):
-        node = base
-        for part in dotted.split("."):
-            node = node[part]
-        return node
-    changed = {k: v for k, v in arm.overrides.items() if k == "method" or default(k) != v}
+    changed = {k: v for k, v in arm.overrides.items()
+               if k == "method" or _walk(base, k.split(".")) != v}
     return Arm(arm.name, changed).key()
 
 
