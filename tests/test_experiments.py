@@ -115,3 +115,33 @@ def test_an_arm_set_to_a_config_default_shares_the_plain_arms_runs():
     assert runner.arm_key(size, same) == runner.arm_key(size, plain) == "method=prdp"
     assert runner.arm_key(size, low) == f"method=prdp,prdp.beta={beta * 0.1}"
     assert runner.arm_key(size, high) != runner.arm_key(size, plain)
+
+
+def _curve(base, final):
+    return {"eval": {n: {"reward": [base, final], "drift": [0.0, 0.01]}
+                     for n in ("world_small", "world_large_sample", "world_heldout")}}
+
+
+def test_base_spread_names_only_the_sets_whose_runs_start_apart():
+    from prdp_jax.experiments import report
+    same = [_curve(0.2, 0.3), _curve(0.2, 0.25)]
+    assert report.base_spread(same) == {}
+    apart = same + [{"eval": {**_curve(0.2, 0.3)["eval"],
+                              "world_heldout": {"reward": [0.1868, 0.2], "drift": [0, 0]}}}]
+    assert report.base_spread(apart) == {"world_heldout": [0.1868, 0.2]}
+
+
+def test_clipping_holds_only_where_removing_the_clip_costs_reward_at_both_scales():
+    from prdp_jax.experiments import report
+
+    def arms(clipped, unclipped):
+        s = {}
+        for scale in ("small", "large"):
+            s[(scale, "PRDP")] = report.summarise([_curve(0.2, v) for v in clipped])
+            s[(scale, "PRDP, no clip")] = report.summarise([_curve(0.2, v) for v in unclipped])
+            s[(scale, "DDPO")] = s[(scale, "DDPO, no clip")] = s[(scale, "PRDP")]
+        return s
+    assert report.verdict("clipping", arms([0.30, 0.31, 0.32], [0.20, 0.21, 0.22]))[0]
+    # a clip that never binds: the two arms end level, so the paper's "the clip is needed" fails
+    assert not report.verdict("clipping", arms([0.30, 0.31, 0.32], [0.30, 0.31, 0.32]))[0]
+    assert not report.verdict("clipping", arms([0.30, 0.31, 0.32], [0.40, 0.41, 0.42]))[0]

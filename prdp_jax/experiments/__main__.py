@@ -104,6 +104,11 @@ class Experiments:
                 curves[(scale, arm.name)] = runs
                 summaries[(scale, arm.name)] = report.summarise(runs)
         held, measured, rule = report.verdict(name, summaries)
+        spread = report.base_spread([c for runs in curves.values() for c in runs])
+        if spread:
+            self.log(f"{name}: warning: its runs start from bases that differ ("
+                     + ", ".join(f"{n} {lo:.4f}-{hi:.4f}" for n, (lo, hi) in spread.items())
+                     + "): some were recorded on a machine whose CPU rounds differently")
         for scale in f.scales:
             labelled = {label: c for (s, label), c in curves.items() if s == scale}
             suffix = f"_{scale}" if len(f.scales) > 1 else ""
@@ -114,6 +119,7 @@ class Experiments:
         metrics_lib.atomic_write_json(os.path.join(self.out, f"{name}.json"), {
             "finding": f.title, "paper": f.paper, "size": self.size.__dict__,
             "learning_rates": lrs, "held": held, "measured": measured, "rule": rule,
+            "base_spread": spread,
             "arms": {f"{s}/{label}": {"summary": summaries[(s, label)],
                                       "curves": curves[(s, label)]} for s, label in curves}})
         self.log(f"{name}: {'held' if held else 'did not hold'}: {measured}")
