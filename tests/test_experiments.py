@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FINDINGS = ("small_scale", "large_scale", "clipping", "beta", "online_offline")
 
@@ -145,3 +147,34 @@ def test_clipping_holds_only_where_removing_the_clip_costs_reward_at_both_scales
     # a clip that never binds: the two arms end level, so the paper's "the clip is needed" fails
     assert not report.verdict("clipping", arms([0.30, 0.31, 0.32], [0.30, 0.31, 0.32]))[0]
     assert not report.verdict("clipping", arms([0.30, 0.31, 0.32], [0.40, 0.41, 0.42]))[0]
+
+
+def test_new_runs_from_a_different_base_are_refused_before_training(tmp_path, monkeypatch, capsys):
+    from prdp_jax import train
+    from prdp_jax.errors import UserError
+    from prdp_jax.experiments import __main__ as ex_main, findings, runner
+    size = runner.SIZES["quick"]
+    ex = ex_main.Experiments(size, str(tmp_path / "results"), str(tmp_path / "runs"), quick=True,
+                             log=lambda *a: None)
+    arm = findings.Arm("PRDP", {"method": "prdp"})
+    config = runner.run_config(size, "small", arm, 0, {}, ex.base_dir)
+    record = tmp_path / "results" / "runs" / "small" / "prdp" / "method=prdp" / "seed0.json"
+    record.parent.mkdir(parents=True)
+    made_elsewhere = {"queries": [0], "train_reward": [], "drift": [],
+                      "eval": {n: {"reward": [0.1876], "se": [0.0], "drift": [0.0],
+                                   "queries": [0]} for n in runner.EVAL_SETS}}
+    record.write_text(json.dumps({"config": json.loads(runner.to_json(config)),
+                                  "curve": made_elsewhere}))
+    assert runner.recorded_base(str(tmp_path / "results" / "runs"), config)["world_heldout"] == 0.1876
+    monkeypatch.setattr(train, "train_and_evaluate", lambda *a, **k: (_ for _ in ()).throw(
+        AssertionError("trained from a base that differs from the records'")))
+    here = {n: {"reward_mean": 0.1868} for n in runner.EVAL_SETS}
+    monkeypatch.setattr(runner, "reference", lambda *a, **k: here)
+    # seed 0 is recorded: read back, no check; seed 1 would be new, from another base: refused
+    assert ex.run_arm("small", arm, {}, seeds=1)[0] == made_elsewhere
+    with pytest.raises(UserError, match=r"world_\w+: 0\.1868 here, 0\.1876 there"):
+        ex.run_arm("small", arm, {}, seeds=2)
+    # the same base: the check passes and training goes ahead
+    here.update({n: {"reward_mean": 0.1876} for n in runner.EVAL_SETS})
+    with pytest.raises(AssertionError, match="trained from a base"):
+        ex.run_arm("small", arm, {}, seeds=2)

@@ -44,6 +44,7 @@ class Experiments:
     def __init__(self, size: runner.Size, out: str, runs: str, quick: bool, log=print):
         self.size, self.out, self.runs, self.log = size, out, runs, log
         self.base_dir = os.path.join(runs, "base") if quick else None
+        self.bases_checked: set[str] = set()
         os.makedirs(out, exist_ok=True)
 
     def run_arm(self, scale: str, arm: findings_lib.Arm, learning_rates: dict,
@@ -56,15 +57,31 @@ class Experiments:
         curves = []
         for seed in range(seeds or self.size.seeds):
             config = runner.run_config(self.size, scale, arm, seed, learning_rates, self.base_dir)
+            record = os.path.join(self.out, "runs", where, f"seed{seed}.json")
+            if runner.recorded(config, record) is None:
+                self.check_base(config)
             t0 = time.perf_counter()
             curves.append(runner.run(
                 config, os.path.join(self.runs, where, f"seed{seed}"), log=lambda *a, **k: None,
-                reference_cache=os.path.join(self.runs, "before"),
-                record=os.path.join(self.out, "runs", where, f"seed{seed}.json")))
+                reference_cache=os.path.join(self.runs, "before"), record=record))
             self.log(f"  {scale:<5} {arm.name:<26} seed {seed}: held-out "
                      f"{curves[-1]['eval'][report.HELDOUT]['reward'][-1]:.3f} "
                      f"({time.perf_counter() - t0:.0f}s)")
         return curves
+
+    def check_base(self, config) -> None:
+        """Before the first new run from a base: its evaluation on this machine must equal the
+        base the results folder's records start from (`runner.check_base`)."""
+        key = runner.reference_key(config)
+        if key in self.bases_checked:
+            return
+        records = os.path.join(self.out, "runs")
+        expected = runner.recorded_base(records, config)
+        if expected:
+            self.log("checking that this machine's base is the recorded runs' base")
+            runner.check_base(runner.reference(config, os.path.join(self.runs, "before"),
+                                               log=lambda *a, **k: None), expected, records)
+        self.bases_checked.add(key)
 
     def learning_rates(self) -> dict:
         """The swept learning rate of each method (runs the sweep if it has not run)."""

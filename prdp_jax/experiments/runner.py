@@ -24,10 +24,12 @@ overwritten.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
 import importlib.util
 import json
 import os
+import tempfile
 from typing import Callable, Mapping
 
 import ml_collections
@@ -35,7 +37,7 @@ import ml_collections
 from prdp_jax import metrics as metrics_lib
 from prdp_jax import train
 from prdp_jax.config import to_json
-from prdp_jax.errors import ConfigError
+from prdp_jax.errors import ConfigError, UserError
 from prdp_jax.experiments.findings import Arm
 
 EVAL_SETS = ("world_small", "world_large_sample", "world_heldout")
@@ -145,14 +147,73 @@ def run_config(size: Size, scale: str, arm: Arm, seed: int, learning_rates: Mapp
 NOT_READ_BY_EVALUATION = ("method", "seed", "prdp", "ddpo", "log", "checkpoint")
 
 
-def reference_key(config: ml_collections.ConfigDict) -> str:
-    """A digest of every config field the base model's evaluation depends on."""
-    d = json.loads(to_json(config))
+def reference_key(config: ml_collections.ConfigDict | dict) -> str:
+    """A digest of every config field the base model's evaluation depends on (of a config, or
+    of its JSON form as a record keeps it)."""
+    d = json.loads(json.dumps(config) if isinstance(config, dict) else to_json(config))
     for k in NOT_READ_BY_EVALUATION:
         d.pop(k, None)
     d["train"] = {k: d["train"][k] for k in ("microbatch_trajectories", "microbatch_steps")}
     d["prompts"].pop("train")
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def recorded(config: ml_collections.ConfigDict, record: str | None) -> dict | None:
+    """The curve kept in `record` if it was made with exactly `config`, else None."""
+    if not record or not os.path.exists(record):
+        return None
+    with open(record) as f:
+        kept = json.load(f)
+    return kept["curve"] if kept.get("config") == json.loads(to_json(config)) else None
+
+
+def recorded_base(records_dir: str, config: ml_collections.ConfigDict) -> dict | None:
+    """{set: reward} of the base model that the records under `records_dir` sharing `config`'s
+    reference evaluation start from (their curves' first point), or None if there are none."""
+    key = reference_key(config)
+    for path in sorted(glob.glob(os.path.join(records_dir, "**", "*.json"), recursive=True)):
+        with open(path) as f:
+            kept = json.load(f)
+        if "config" in kept and reference_key(kept["config"]) == key:
+            return {n: e["reward"][0] for n, e in kept["curve"]["eval"].items()}
+    return None
+
+
+def reference(config: ml_collections.ConfigDict, reference_cache: str, log: Callable = print
+              ) -> dict:
+    """The base model's evaluation (a run's eval/before.json) under `config`, computed on this
+    machine once (pretraining the base if it is not cached) and kept in `reference_cache`."""
+    path = os.path.join(reference_cache, reference_key(config) + ".json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    from prdp_jax import evaluate, pipeline, rewards, sharding
+    mesh = sharding.mesh_from_config(config.mesh)
+    pipe = pipeline.build(config, mesh, log=log)
+    evaluator = evaluate.Evaluator(config, pipe, mesh,
+                                   rewards.combine(dict(config.reward.weights), config))
+    with tempfile.TemporaryDirectory() as tmp:
+        before = evaluator.run_sets(pipe.unet_params(), None, pipe.frozen_params(), "before", tmp,
+                                    show_progress=False, grids=False)
+    os.makedirs(reference_cache, exist_ok=True)
+    metrics_lib.atomic_write_json(path, before)
+    return before
+
+
+def check_base(before: dict, expected: Mapping[str, float], records_dir: str) -> None:
+    """Refuses to add runs to `records_dir` from a base that evaluates differently from the one
+    its records start from. The base is pretrained on each machine; a CPU that rounds
+    differently (another vector instruction set) pretrains a different model, and runs from two
+    bases cannot be compared."""
+    differ = {n: (before[n]["reward_mean"], r) for n, r in expected.items()
+              if n in before and before[n]["reward_mean"] != r}
+    if differ:
+        name, (here, there) = next(iter(differ.items()))
+        raise UserError(
+            f"this machine's base model is not the one the runs recorded in {records_dir} start "
+            f"from ({name}: {here:.4f} here, {there:.4f} there; its CPU pretrains it differently), "
+            f"so new runs would not be comparable with them: run on a machine that reproduces "
+            f"the base, or pass --out and --runs to start a separate set of results")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, log: Callable = print,
@@ -162,11 +223,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, log: Callable = print,
     path), a finished run is kept as, and read back from, its config and curve (module
     docstring)."""
     wanted = json.loads(to_json(config))
-    if record and os.path.exists(record):
-        with open(record) as f:
-            kept = json.load(f)
-        if kept.get("config") == wanted:
-            return kept["curve"]
+    kept = recorded(config, record)
+    if kept is not None:
+        return kept
     done = os.path.join(workdir, "eval", "summary.json")
     saved = os.path.join(workdir, "config.json")
     before = os.path.join(workdir, "eval", "before.json")
