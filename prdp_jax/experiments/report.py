@@ -42,7 +42,7 @@ def base_spread(curves: Sequence[dict]) -> dict:
     """{set: [lowest, highest]} of the base reward (queries 0) over `curves`, for the sets where
     runs disagree. Every run of a size evaluates the same base on the same seeds, so they agree on
     one machine; a base pretrained on another CPU (a run record made elsewhere) rounds
-    differently and lands a little apart."""
+    differently and can come out a different model (`runner.check_base`)."""
     out = {}
     for name in curves[0]["eval"]:
         bases = [c["eval"][name]["reward"][0] for c in curves]
