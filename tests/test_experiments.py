@@ -149,7 +149,7 @@ def test_clipping_holds_only_where_removing_the_clip_costs_reward_at_both_scales
     assert not report.verdict("clipping", arms([0.30, 0.31, 0.32], [0.40, 0.41, 0.42]))[0]
 
 
-def test_new_runs_from_a_different_base_are_refused_before_training(tmp_path, monkeypatch, capsys):
+def test_new_runs_from_a_different_base_are_refused_before_training(tmp_path, monkeypatch):
     from prdp_jax import train
     from prdp_jax.errors import UserError
     from prdp_jax.experiments import __main__ as ex_main, findings, runner

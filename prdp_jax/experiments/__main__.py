@@ -58,12 +58,15 @@ class Experiments:
         for seed in range(seeds or self.size.seeds):
             config = runner.run_config(self.size, scale, arm, seed, learning_rates, self.base_dir)
             record = os.path.join(self.out, "runs", where, f"seed{seed}.json")
-            if runner.recorded(config, record) is None:
-                self.check_base(config)
             t0 = time.perf_counter()
-            curves.append(runner.run(
-                config, os.path.join(self.runs, where, f"seed{seed}"), log=lambda *a, **k: None,
-                reference_cache=os.path.join(self.runs, "before"), record=record))
+            curve = runner.recorded(config, record)
+            if curve is None:  # a new run: from the recorded runs' base only
+                self.check_base(config)
+                curve = runner.run(
+                    config, os.path.join(self.runs, where, f"seed{seed}"),
+                    log=lambda *a, **k: None, reference_cache=os.path.join(self.runs, "before"),
+                    record=record)
+            curves.append(curve)
             self.log(f"  {scale:<5} {arm.name:<26} seed {seed}: held-out "
                      f"{curves[-1]['eval'][report.HELDOUT]['reward'][-1]:.3f} "
                      f"({time.perf_counter() - t0:.0f}s)")

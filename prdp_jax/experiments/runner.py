@@ -158,6 +158,11 @@ def reference_key(config: ml_collections.ConfigDict | dict) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def reference_path(reference_cache: str, config: ml_collections.ConfigDict) -> str:
+    """Where `reference_cache` keeps the base model's evaluation under `config`."""
+    return os.path.join(reference_cache, reference_key(config) + ".json")
+
+
 def recorded(config: ml_collections.ConfigDict, record: str | None) -> dict | None:
     """The curve kept in `record` if it was made with exactly `config`, else None."""
     if not record or not os.path.exists(record):
@@ -183,7 +188,7 @@ def reference(config: ml_collections.ConfigDict, reference_cache: str, log: Call
               ) -> dict:
     """The base model's evaluation (a run's eval/before.json) under `config`, computed on this
     machine once (pretraining the base if it is not cached) and kept in `reference_cache`."""
-    path = os.path.join(reference_cache, reference_key(config) + ".json")
+    path = reference_path(reference_cache, config)
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)
@@ -229,8 +234,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, log: Callable = print,
     done = os.path.join(workdir, "eval", "summary.json")
     saved = os.path.join(workdir, "config.json")
     before = os.path.join(workdir, "eval", "before.json")
-    shared = (os.path.join(reference_cache, reference_key(config) + ".json")
-              if reference_cache else None)
+    shared = reference_path(reference_cache, config) if reference_cache else None
     finished = False
     if os.path.exists(done) and os.path.exists(saved):
         with open(saved) as f:
