@@ -58,8 +58,8 @@ def get_config(recipe: str = "prdp"):
     c.train.images_per_prompt = 4
     c.train.passes_per_epoch = 1
     c.train.prompts_per_minibatch = 8
-    c.train.microbatch_trajectories = 32   # 32 x 3 tiles: the fastest on a 2-core CPU (update
-    c.train.microbatch_steps = 3           # 21 s/epoch vs 37 s for 32 x 9).
+    c.train.microbatch_trajectories = 32   # 32 x 3 tiles: the fastest on a 2-core CPU (with the
+    c.train.microbatch_steps = 3           # full UNet's gradient, 21 s/epoch vs 37 s for 32 x 9).
     # Full-UNet updates lower the reward at every rate tried (2e-5..2e-4): with 32 trajectories
     # per step the policy gradient is mostly noise, and noise along output-sensitive directions
     # degrades the denoiser. Cross-attention only (7% of the UNet) keeps it intact.

@@ -177,11 +177,16 @@ def minibatch_weights(objective, epoch, m, log_probs):
 
 
 def grad_tile(pipe, coeffs, tiling, config, constrain, params, epoch, uncond, weights, m, j, c, grads):
-    """Adds tile (j, c) of minibatch m to the gradient accumulator."""
+    """Adds tile (j, c) of minibatch m to the gradient accumulator (only the params that
+    `train.trainable` selects are differentiated; the others' gradients stay exactly zero)."""
+    t = config.train.trainable
+    mask = (jax.tree.map(lambda label: label == "train", trainable_labels(t, params)) if t
+            else None)
     return update.accumulate_grad(pipe.denoiser, params, minibatch(epoch, m), uncond, weights, j, c,
                                   grads, coeffs, tiling,
                                   guidance_scale=config.sample.guidance_scale,
-                                  reduce=config.sample.logprob_reduction, constrain=constrain)
+                                  reduce=config.sample.logprob_reduction, constrain=constrain,
+                                  trainable=mask)
 
 
 def apply_gradients(optimizer, params, opt_state, grads):

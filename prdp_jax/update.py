@@ -188,12 +188,16 @@ def accumulate_grad(denoiser: diffusion.Denoiser, params: chex.ArrayTree, mb: Mi
                     uncond_context: jax.Array, weights: jax.Array, j: jax.Array, c: jax.Array,
                     grads: chex.ArrayTree, coeffs: diffusion.StepCoefficients, tiling: Tiling, *,
                     guidance_scale: float, reduce: str,
-                    constrain: Constrain = _identity) -> chex.ArrayTree:
+                    constrain: Constrain = _identity,
+                    trainable: Optional[chex.ArrayTree] = None) -> chex.ArrayTree:
     """Phase 3, one tile: grads + d/dparams sum(weights * log pi_params) over tile (j, c).
 
     Args:
       weights: [n, T] float32 from `loss_and_weights`.
       grads: the accumulator, a tree shaped like params.
+      trainable: optional tree shaped like params of Python bools. Only the True leaves are
+        differentiated (the others add exact zeros), so XLA drops the weight gradients of frozen
+        layers and the backward pass through layers upstream of every trainable one.
     """
     steps, valid = _tile_steps(tiling, c)
     w = jnp.take(_tile_rows(weights, tiling, j, constrain), steps, axis=2)   # [S, a', s]
@@ -205,5 +209,18 @@ def accumulate_grad(denoiser: diffusion.Denoiser, params: chex.ArrayTree, mb: Mi
                                      constrain=constrain)
         return jnp.sum(jax.lax.stop_gradient(w) * log_prob)
 
-    tile_grads = jax.grad(weighted)(params)
+    if trainable is None:
+        tile_grads = jax.grad(weighted)(params)
+    else:
+        leaves, treedef = jax.tree.flatten(params)
+        flags = treedef.flatten_up_to(trainable)
+
+        def weighted_subset(train_leaves):
+            it = iter(train_leaves)
+            return weighted(treedef.unflatten([next(it) if f else jax.lax.stop_gradient(x)
+                                               for x, f in zip(leaves, flags)]))
+
+        it = iter(jax.grad(weighted_subset)([x for x, f in zip(leaves, flags) if f]))
+        tile_grads = treedef.unflatten([next(it) if f else jnp.zeros_like(x)
+                                        for x, f in zip(leaves, flags)])
     return jax.tree.map(lambda a, g: a + g.astype(a.dtype), grads, tile_grads)

@@ -178,6 +178,32 @@ def test_microbatched_gradient_is_exact(objective, tile, reduce):
     assert rel_err(grads, want) < 1e-5
 
 
+def test_gradient_of_a_trainable_subset_is_the_full_gradient_there_and_zero_elsewhere():
+    mb, uncond, coeffs = minibatch()
+    _, params = params_pair()
+    params = jax.tree.map(lambda p: p * 1.01, params)
+    n, T = mb.log_probs_old.shape
+    tiling = update.Tiling(n, T, trajectories=4, steps=3)
+    kw = dict(coeffs=coeffs, tiling=tiling, guidance_scale=GUIDANCE, reduce="mean")
+    lp = jax.jit(functools.partial(update.score, denoiser, **kw))(params, mb, uncond)
+    _, weights, _ = update.loss_and_weights(OBJECTIVES["prdp-mean"], lp, mb)
+    mask = jax.tree_util.tree_map_with_path(
+        lambda path, _: "attn2" in jax.tree_util.keystr(path), params)
+    assert 0 < sum(jax.tree.leaves(mask)) < len(jax.tree.leaves(mask))
+    full, subset = (jax.tree.map(jnp.zeros_like, params) for _ in range(2))
+    full_step = jax.jit(functools.partial(update.accumulate_grad, denoiser, **kw))
+    subset_step = jax.jit(functools.partial(update.accumulate_grad, denoiser, **kw, trainable=mask))
+    for j, c in zip(*tiling.tile_indices()):
+        full = full_step(params, mb, uncond, weights, j, c, full)
+        subset = subset_step(params, mb, uncond, weights, j, c, subset)
+    for f, s, m in zip(jax.tree.leaves(full), jax.tree.leaves(subset), jax.tree.leaves(mask)):
+        if m:
+            assert float(jnp.abs(f).max()) > 0
+            np.testing.assert_allclose(s, f, rtol=1e-5, atol=1e-6 * float(jnp.abs(f).max()))
+        else:
+            assert not np.any(np.asarray(s))
+
+
 def test_on_policy_log_ratio_is_exactly_zero_when_rescored():
     mb, uncond, coeffs = minibatch()
     params, _ = params_pair()
