@@ -65,9 +65,10 @@ class Size:
 
 
 SIZES = {
-    # The world job's budget (16 epochs x 64 queries). A run is ~10 minutes on a 2-core CPU
-    # (cached base; 32 s epochs and four evaluations of 3 x 32 prompts x 2 samples), so a finding
-    # of 2 arms x 3 seeds takes about an hour, and the shared rate sweep (2 methods x 3 rates) one
+    # The world job's budget (16 epochs x 64 queries). A run is ~8 minutes on a 2-core CPU
+    # (cached base; 23.5 s epochs and five evaluations of 3 x 32 prompts x 2 samples; the recorded
+    # runs took ~10, before the update differentiated only the trainable params), so a finding of
+    # 2 arms x 3 seeds takes under an hour, and the shared rate sweep (2 methods x 3 rates) one
     # more. The grid brackets the world's cross-attention rate 1e-4.
     "full": Size(recipe="prdp", epochs=16, prompts_per_epoch=16, images_per_prompt=4,
                  prompts_per_minibatch=8, eval_every=4, eval_prompts=32, eval_samples=2, seeds=3,
