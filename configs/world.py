@@ -72,7 +72,7 @@ def get_config(recipe: str = "prdp"):
     c.ddpo.clip_range = 1e-2
     c.ddpo.min_count = 4
     c.log.grid_every_epochs = 4
-    c.pretrain.steps = 750                 # ~8.5 minutes on 2 CPU cores
+    c.pretrain.steps = 750                 # ~7.5 minutes on 2 CPU cores
     c.pretrain.learning_rate = 2e-3
     if recipe == "tiny":
         tiny(c)
