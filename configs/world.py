@@ -1,20 +1,24 @@
 """The embedded world: the README's main job.
 
-Pretrains (or reuses) a small pixel-space text-to-image base on procedurally rendered captioned
-scenes, finetunes it with PRDP on the large prompt set against the black-box alignment reward,
-and evaluates before and after on the small set, a fixed sample of the large set, and held-out
-compositions never seen in training.
+Finetunes the small pixel-space text-to-image base that ships with prdp-jax (pretrained on clean
+and degraded renders of captioned scenes, prdp_jax/world/base_model) with PRDP on the large prompt
+set against the black-box preference reward (caption alignment and image quality), and evaluates
+before and after on the small set, a sample of the large set, and held-out compositions never
+seen in training or pretraining.
 
     python -m prdp_jax.main --config configs/world.py            # PRDP (default)
     python -m prdp_jax.main --config configs/world.py:ddpo       # DDPO, same world and budget
-    python -m prdp_jax.main --config configs/world.py:mix        # PRDP on alignment + JPEG mix
     python -m prdp_jax.main --config configs/world.py:tiny       # a seconds-long smoke run
+
+The `model.unet`, `model.text_encoder`, `schedule` and `pretrain` fields describe how
+`python -m prdp_jax.world.pretrain` makes a base; a run reads its model and schedule from the
+base folder itself (`world.base_dir`).
 """
 from prdp_jax.config import base_config
 from prdp_jax.errors import ConfigError
 from prdp_jax.world.config import add_world_sections
 
-RECIPES = ("prdp", "ddpo", "mix", "tiny")
+RECIPES = ("prdp", "ddpo", "tiny")
 
 
 def get_config(recipe: str = "prdp"):
@@ -48,8 +52,7 @@ def get_config(recipe: str = "prdp"):
     # gradient, not the steps that place and colour the objects, drives every update.
     c.sample.final_step = "deterministic"
     c.prompts.train = "world_large"
-    c.reward.weights = ({"alignment": 1.0, "jpeg_compressibility": 0.1} if recipe == "mix"
-                        else {"alignment": 1.0})
+    c.reward.weights = {"preference": 1.0}
     c.eval.sets = ("world_small", "world_large_sample", "world_heldout")
     c.eval.samples_per_prompt = 2
     c.eval.batch_size = 64
@@ -72,8 +75,9 @@ def get_config(recipe: str = "prdp"):
     c.ddpo.clip_range = 1e-2
     c.ddpo.min_count = 4
     c.log.grid_every_epochs = 4
-    c.pretrain.steps = 750                 # ~7.5 minutes on 2 CPU cores
+    c.pretrain.steps = 3000                # the shipped base: ~30 minutes on 2 CPU cores
     c.pretrain.learning_rate = 2e-3
+    c.pretrain.ema_decay = 0.995
     if recipe == "tiny":
         tiny(c)
     return c
@@ -83,6 +87,7 @@ def tiny(c):
     """Every code path of the world in seconds (smoke tests, experiments --quick): a tiny model,
     a few pretraining steps, small splits, 4 sampling steps. Its base caches separately."""
     c.world.base_dir = "~/.cache/prdp_jax/world_base_tiny"
+    c.world.pretrain_missing = True
     c.world.small_prompts, c.world.large_prompts = 8, 64
     c.world.large_sample_prompts, c.world.heldout_prompts = 4, 4
     c.model.unet.update(dict(

@@ -285,6 +285,23 @@ def validate(c: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"checkpoint.every_epochs must be >= 1, got {c.checkpoint.every_epochs}")
 
 
+def load_file(spec: str) -> ml_collections.ConfigDict:
+    """The config of `path/to/file.py[:recipe]` (the file's `get_config(recipe)`)."""
+    import importlib.util
+    import os
+    path, _, recipe = spec.partition(":")
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path} not found")
+    module_spec = importlib.util.spec_from_file_location(
+        f"prdp_config_{os.path.splitext(os.path.basename(path))[0]}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise ConfigError(f"config file {path} line {e.lineno}: {e.msg}") from None
+    return module.get_config(recipe) if recipe else module.get_config()
+
+
 def to_json(c: ml_collections.ConfigDict) -> str:
     return json.dumps(c.to_dict(), sort_keys=True, default=str)
 

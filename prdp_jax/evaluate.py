@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from prdp_jax import config as config_lib
 from prdp_jax import diffusion, metrics as metrics_lib, sampler, sharding, update
 from prdp_jax import pipeline as pipeline_lib
 from prdp_jax import rewards as rewards_lib
@@ -153,9 +154,7 @@ class Evaluator:
         """Evaluates every set of `config.eval.sets`; writes eval/<label>.json (and grids)."""
         results = {}
         for name in self.config.eval.sets:
-            prompts = prompt_sets.load(name, self.config)
-            limit = self.config.eval.max_prompts
-            prompts = prompts[:limit] if limit else prompts
+            prompts = load_eval_set(self.config, self.pipe, name)
             results[name] = self.run(params, ref_params, frozen, prompts,
                                      self.config.eval.samples_per_prompt, name,
                                      os.path.join(workdir, "eval",
@@ -210,3 +209,126 @@ def table(before: dict, after: dict | None = None) -> list[str]:
                 row += f" / {a['reward_shuffled_captions']:.4f}"
         lines.append(row)
     return lines
+
+
+def side_by_side(left: str, right: str, out: str, labels: tuple[str, str] = ("before", "after")) -> None:
+    """Puts two grid PNGs side by side under a label each (the README's before/after picture)."""
+    from PIL import Image, ImageDraw
+    a, b = Image.open(left).convert("RGB"), Image.open(right).convert("RGB")
+    gap, head = 12, 18
+    canvas = Image.new("RGB", (a.width + gap + b.width, head + max(a.height, b.height)), "white")
+    canvas.paste(a, (0, head))
+    canvas.paste(b, (a.width + gap, head))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((4, 3), labels[0], fill="black")
+    draw.text((a.width + gap + 4, 3), labels[1], fill="black")
+    metrics_lib.atomic_save_image(canvas, out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: python -m prdp_jax.evaluate
+# ---------------------------------------------------------------------------------------------
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | None, epoch: int | None,
+                        base_only: bool, out: str | None, log=print, show_progress: bool = True) -> dict:
+    """Evaluates the reference ('before') and, unless `base_only`, a run's checkpoint ('after') on
+    `config.eval.sets` with the same seeds; returns (and writes to `out`) the summary."""
+    from prdp_jax import export
+    config_lib.validate(config)
+    if not base_only:
+        export.checkpoint_epochs(workdir, epoch)  # a missing checkpoint fails before any work
+    mesh = sharding.mesh_from_config(config.mesh)
+    reward_fn = rewards_lib.combine(dict(config.reward.weights), config)
+    pipe = pipeline_lib.build(config, mesh, log=log)
+    sets = {name: load_eval_set(config, pipe, name) for name in config.eval.sets}
+    evaluator = Evaluator(config, pipe, mesh, reward_fn)
+    frozen, ref_params = pipe.frozen_params(), pipe.unet_params()
+    grids = os.path.dirname(os.path.abspath(out)) if out else None
+
+    def run(params, ref, label):
+        return {name: evaluator.run(params, ref, frozen, prompts,
+                                    config.eval.samples_per_prompt, name,
+                                    os.path.join(grids, f"{label}_{prompt_sets.slug(name)}.png")
+                                    if grids else None, show_progress)
+                for name, prompts in sets.items()}
+
+    log("evaluating the reference (the base)")
+    before = run(ref_params, None, "before")
+    summary = {"before": before, "seed": config.eval.seed,
+               "samples_per_prompt": config.eval.samples_per_prompt}
+    if not base_only:
+        host, epoch, _, _ = export.restore_unet_params(workdir, epoch)
+        params = jax.tree.map(lambda a, s: jax.device_put(a, s.sharding), host,
+                              pipe.abstract_unet_params)
+        log(f"evaluating epoch {epoch} of {workdir}")
+        after = run(params, ref_params, "after")
+        summary.update(after=after, epoch=epoch, workdir=os.path.abspath(workdir))
+    summary["table"] = table(before, summary.get("after"))
+    for line in summary["table"]:
+        log(line)
+    if out and jax.process_index() == 0:
+        metrics_lib.atomic_write_json(out, summary)
+        log(f"wrote {out}")
+    return summary
+
+
+def load_eval_set(config: ml_collections.ConfigDict, pipe: pipeline_lib.Pipeline, name: str) -> list[str]:
+    """The prompts of an evaluation set (first `eval.max_prompts`), each checked by the pipeline's
+    prompt validator (the world: every caption parses in its grammar) before anything runs."""
+    prompts = prompt_sets.load(name, config)
+    limit = config.eval.max_prompts
+    prompts = prompts[:limit] if limit else prompts
+    pipe.check_prompts(prompts, name)
+    return prompts
+
+
+def main(argv=None) -> None:
+    import argparse
+    import sys
+
+    from prdp_jax import export, runtime
+    from prdp_jax.errors import UserError
+    parser = argparse.ArgumentParser(
+        prog="python -m prdp_jax.evaluate",
+        description="Fixed-seed evaluation of a run's checkpoint against its base, on any prompt "
+                    "sets: mean +- standard error per set and component, the paired change, drift.")
+    parser.add_argument("--workdir", help="a training run's work directory (its config.json and "
+                        "checkpoints/)")
+    parser.add_argument("--config", help="with --base and no --workdir: a config file[:recipe]")
+    parser.add_argument("--epoch", type=int, default=None, help="checkpoint epoch (default: latest)")
+    parser.add_argument("--base", action="store_true", help="evaluate only the reference (base)")
+    parser.add_argument("--sets", help="comma-separated prompt sets: names, presets or "
+                        "file:PATH[#FIELD] (default: the run's eval.sets)")
+    parser.add_argument("--seed", type=int, default=None, help="evaluation noise seed")
+    parser.add_argument("--samples_per_prompt", type=int, default=None, help="images per prompt")
+    parser.add_argument("--max_prompts", type=int, default=None, help="first N prompts of a set")
+    parser.add_argument("--out", help="JSON file to write (grids go beside it)")
+    args = parser.parse_args(argv)
+
+    def fail(message: str):
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+    try:
+        if args.workdir:
+            config = export.read_run_config(args.workdir)
+        elif args.config and args.base:
+            config = config_lib.load_file(args.config)
+        else:
+            fail("give --workdir RUN (or --base --config FILE[:recipe] to evaluate a base alone)")
+        if args.sets:
+            config.eval.sets = tuple(s.strip() for s in args.sets.split(",") if s.strip())
+        for field in ("seed", "samples_per_prompt", "max_prompts"):
+            if getattr(args, field) is not None:
+                config.eval[field] = getattr(args, field)
+        if not config.eval.sets:
+            fail("no evaluation sets: give --sets, e.g. --sets world_heldout,file:captions.txt")
+        runtime.setup(config)
+        evaluate_checkpoint(config, args.workdir, args.epoch, args.base, args.out,
+                            show_progress=bool(config.log.progress))
+    except UserError as e:
+        fail(str(e))
+
+
+if __name__ == "__main__":
+    main()

@@ -71,6 +71,20 @@ def diffusers_unet_config(unet) -> dict:
     return cfg
 
 
+def checkpoint_epochs(workdir: str, epoch: Optional[int] = None) -> list[int]:
+    """The saved epochs of a run (CheckpointError if it has none, or not `epoch`); reads no state."""
+    read_run_config(workdir)
+    directory = os.path.join(workdir, "checkpoints")
+    epochs = sorted(int(e) for e in os.listdir(directory) if e.isdigit()) \
+        if os.path.isdir(directory) else []
+    if not epochs:
+        raise CheckpointError(f"{workdir} has no checkpoint to evaluate or export (no "
+                              f"checkpoints/<epoch>/); train it first")
+    if epoch is not None and epoch not in epochs:
+        raise CheckpointError(f"{directory} has no checkpoint for epoch {epoch}; it has {epochs}")
+    return epochs
+
+
 def restore_unet_params(workdir: str, epoch: Optional[int] = None) -> tuple[Any, int, Any, Any]:
     """Restores the trainable UNet params of a run's checkpoint onto one device.
 

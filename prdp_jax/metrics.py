@@ -102,12 +102,17 @@ def image_grid(images: np.ndarray, captions: Sequence[str], columns: int, scale:
     return grid
 
 
+def atomic_save_image(image, path: str) -> None:
+    """Writes a PIL image as PNG, atomically, creating its folder."""
+    import io
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def save_grid(path: str, images: np.ndarray, captions: Sequence[str], columns: int) -> None:
     if jax.process_index() != 0:
         return
-    import io
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     scale = max(1, 96 // images.shape[2])
-    buf = io.BytesIO()
-    image_grid(images, captions, columns, scale=scale).save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_save_image(image_grid(images, captions, columns, scale=scale), path)

@@ -41,6 +41,8 @@ class Pipeline:
       abstract_unet_params: the UNet param tree as ShapeDtypeStructs with shardings.
       gather: applied to the UNet params inside every denoiser call (jit): all-gathers them over
         the 'fsdp' axis (sharding.gather_over_fsdp); identity by default.
+      validate_prompt: raises PromptError for a prompt the pipeline cannot use (the world: a
+        caption outside its grammar); None = any prompt the tokenizer takes.
     """
 
     unet: UNet
@@ -52,6 +54,21 @@ class Pipeline:
     frozen_params: Callable[[], Any]
     abstract_unet_params: Any
     gather: Callable[[Any], Any] = lambda params: params
+    validate_prompt: Callable[[str], None] | None = None
+
+    def check_prompts(self, prompts: Sequence[str], where: str) -> None:
+        """Tokenizes (and, for the world, parses) every prompt of a set up front: one error naming
+        the set, the prompt's index and the prompt, before any work is done."""
+        from prdp_jax.errors import PromptError
+        if self.validate_prompt is None and not isinstance(self.tokenizer, WordTokenizer):
+            return  # a CLIP tokenizer takes any text (and truncates)
+        for i, prompt in enumerate(prompts):
+            try:
+                self.tokenizer([prompt])
+                if self.validate_prompt is not None:
+                    self.validate_prompt(prompt)
+            except PromptError as e:
+                raise PromptError(f"{where}, prompt {i + 1}: {e}") from None
 
     def denoiser(self, params, x, t, context):
         """(params, x [B,H,W,C], t [B], context [B,L,D]) -> [B,H,W,C] model output."""
@@ -109,25 +126,26 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, log=print) -> Pipeline:
 
     'random': a fresh init from `model.init_seed` (reference = init), word tokenizer over the
       training prompt set's vocabulary;
-    'world': the embedded world's base model, pretrained on first use and cached (world/base.py);
+    'world': the embedded world's base folder `world.base_dir` (world/base.py), verified against
+      its manifest and read like a Stable Diffusion folder (sd_pipeline.py);
     'diffusers': Stable Diffusion from the local diffusers folder `model.path` (sd_pipeline.py).
     """
     source = config.model.source
+    if source == "world":
+        # The world's shipped (or given) base folder, verified, through the diffusers-folder code.
+        from prdp_jax import sd_pipeline
+        from prdp_jax.world import base, grammar
+        config.model.path = base.open_base(config).path
+        return dataclasses.replace(sd_pipeline.build(config, mesh, log=log),
+                                   validate_prompt=grammar.parse)
     if source == "diffusers":
         from prdp_jax import sd_pipeline
         return sd_pipeline.build(config, mesh, log=log)
-    if source not in ("random", "world"):
+    if source != "random":
         raise ConfigError(f"model.source must be 'random', 'world' or 'diffusers', got {source!r}")
-    if source == "world" and config.model.param_dtype != "float32":
-        raise ConfigError("model.param_dtype must be 'float32' for the world source (its cached "
-                          "base is float32)")
     length = config.model.text_encoder.max_position_embeddings
-    if source == "world":
-        from prdp_jax.world import grammar
-        tokenizer = WordTokenizer(grammar.VOCABULARY, max_length=length)
-    else:
-        vocab_prompts = list(prompt_sets.load(config.prompts.train, config)) + [""]
-        tokenizer = WordTokenizer.from_prompts(vocab_prompts, max_length=length)
+    vocab_prompts = list(prompt_sets.load(config.prompts.train, config)) + [""]
+    tokenizer = WordTokenizer.from_prompts(vocab_prompts, max_length=length)
     unet = unet_from_config(config)
     text_encoder = text_encoder_from_config(config, tokenizer.vocab_size)
     if unet.cross_attention_dim != text_encoder.hidden_size:
@@ -143,21 +161,8 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, log=print) -> Pipeline:
                                                 jnp.zeros((1, length), jnp.int32))
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             abstract, unet_shardings)
-    if source == "random":
-        unet_params = lambda: unet_init(key_unet)
-        frozen_params = lambda: {"text_encoder": text_init(key_text)}
-    else:
-        from prdp_jax.world import base
-        shardings = {"unet": unet_shardings, "text_encoder": text_shardings}
-        params = base.load_or_pretrain(
-            config, mesh, unet, text_encoder, tokenizer,
-            {"unet": unet_init(key_unet), "text_encoder": text_init(key_text)}, shardings, log=log,
-            show_progress=bool(config.log.progress) and jax.process_index() == 0)
-        # A fresh copy per call: the trainable params are donated, the reference must survive.
-        copy = lambda tree, shard: jax.tree.map(
-            lambda a, s: jax.device_put(a, s, may_alias=False), tree, shard)
-        unet_params = lambda: copy(params["unet"], unet_shardings)
-        frozen_params = lambda: {"text_encoder": params["text_encoder"]}
+    unet_params = lambda: unet_init(key_unet)
+    frozen_params = lambda: {"text_encoder": text_init(key_text)}
     return Pipeline(
         unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, latent_shape=latent_shape,
         decode=pixel_decode, unet_params=unet_params, frozen_params=frozen_params,

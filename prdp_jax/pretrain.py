@@ -3,7 +3,9 @@
 The UNet and the text encoder are trained together on (image, caption) pairs: x_t is the image
 noised to a uniformly drawn timestep, the UNet predicts the noise (or v), and a caption is replaced
 by "" with probability `cfg_dropout` so that classifier-free guidance works. Uses the core's
-optimiser family (AdamW with global-norm clipping), mesh/sharding rules and Orbax checkpointing.
+optimiser family (AdamW with global-norm clipping), mesh/sharding rules and Orbax checkpointing:
+with a `Checkpointer` the state is saved every `checkpoint_every` steps and a rerun resumes from
+the latest save, bitwise as if never stopped (batches and noise are pure functions of the step).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import optax
 from jax.sharding import Mesh
 
 from prdp_jax import diffusion, sharding
+from prdp_jax.checkpoint import Checkpointer
 from prdp_jax.progress import progress
 
 
@@ -76,24 +79,38 @@ def train_step(unet, text_encoder, optimizer, loss_kwargs, ema_decay, state: Pre
 def pretrain(unet, text_encoder, init_params: Any, param_shardings: Any,
              batches: Callable[[int], tuple[np.ndarray, np.ndarray]], empty_ids: np.ndarray,
              schedule: diffusion.Schedule, pc: ml_collections.ConfigDict, mesh: Mesh, log=print,
-             show_progress: bool = True) -> tuple[Any, dict]:
-    """Trains for `pc.steps` steps; returns (EMA params, {'loss': last losses, 'seconds': ...}).
+             show_progress: bool = True, checkpointer: Checkpointer | None = None,
+             checkpoint_every: int = 250) -> tuple[Any, dict]:
+    """Trains to `pc.steps` steps; returns (EMA params, {'loss': losses every 25 steps, 'seconds'}).
 
     Args:
       init_params: {'unet', 'text_encoder'} initial params (sharded as `param_shardings`).
       batches: step -> (images [B, H, W, C] in [-1, 1], ids [B, L]), deterministic in step.
+      checkpointer: where to save the state every `checkpoint_every` steps and at the end, and
+        to resume from (its latest save) if it holds one.
     """
     optimizer = make_optimizer(pc)
     batch_sharding = sharding.batch_sharding(mesh)
     repl = sharding.replicated(mesh)
     opt_abstract = jax.eval_shape(optimizer.init, init_params)
     opt_shardings = sharding.tree_shardings(opt_abstract, mesh)
-    state = PretrainState(
-        params=init_params, ema=jax.tree.map(jnp.copy, init_params),
-        opt_state=jax.jit(optimizer.init, out_shardings=opt_shardings)(init_params),
-        step=jnp.zeros((), jnp.int32))
     state_shardings = PretrainState(params=param_shardings, ema=param_shardings,
                                     opt_state=opt_shardings, step=repl)
+    start = checkpointer.latest_epoch() if checkpointer is not None else None
+    if start is not None:
+        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                jax.eval_shape(lambda p: PretrainState(
+                                    p, p, optimizer.init(p), jnp.zeros((), jnp.int32)), init_params),
+                                state_shardings)
+        state, meta = checkpointer.restore(start, abstract)
+        losses, seconds = list(meta["loss"]), float(meta["seconds"])
+        log(f"resuming pretraining from step {start} of {pc.steps} ({checkpointer.directory})")
+    else:
+        state = PretrainState(
+            params=init_params, ema=jax.tree.map(jnp.copy, init_params),
+            opt_state=jax.jit(optimizer.init, out_shardings=opt_shardings)(init_params),
+            step=jnp.zeros((), jnp.int32))
+        start, losses, seconds = 0, [], 0.0
     loss_kwargs = dict(alphas_cumprod=jnp.asarray(schedule.alphas_cumprod, jnp.float32),
                        prediction_type=schedule.prediction_type, cfg_dropout=pc.cfg_dropout)
     step_fn = jax.jit(
@@ -103,9 +120,14 @@ def pretrain(unet, text_encoder, init_params: Any, param_shardings: Any,
         out_shardings=(state_shardings, repl), donate_argnums=0)
     key = jax.random.key(pc.seed)
     empty = sharding.put(np.asarray(empty_ids, np.int32), repl)
-    losses = []
-    t0 = time.perf_counter()
-    bar = progress(range(pc.steps), desc="pretraining base", enabled=show_progress)
+    t0 = time.perf_counter() - seconds
+
+    def save(step: int) -> None:
+        if checkpointer is not None:
+            checkpointer.save(step, state, {"loss": losses, "seconds": time.perf_counter() - t0})
+
+    bar = progress(range(start, pc.steps), desc="pretraining base", enabled=show_progress,
+                   initial=start, total=pc.steps)
     for step in bar:
         images, ids = batches(step)
         state, loss = step_fn(state, sharding.put(np.asarray(images, np.float32), batch_sharding),
@@ -115,6 +137,10 @@ def pretrain(unet, text_encoder, init_params: Any, param_shardings: Any,
             losses.append(float(loss))
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{np.mean(losses[-4:]):.4f}")
+        if (step + 1) % checkpoint_every == 0 and step + 1 < pc.steps:
+            save(step + 1)
+    if start < pc.steps:
+        save(pc.steps)
     seconds = time.perf_counter() - t0
     log(f"pretrained the base for {pc.steps} steps in {seconds:.0f}s; final loss "
         f"{np.mean(losses[-4:]):.4f}")

@@ -1,5 +1,6 @@
 """The Stable Diffusion pipeline (`model.source = "diffusers"`): a local diffusers folder's UNet,
-VAE, CLIP text encoder, tokenizer and scheduler, as a `pipeline.Pipeline`.
+VAE, CLIP text encoder, tokenizer and scheduler, as a `pipeline.Pipeline`. A pixel-space folder
+(the embedded world's base: no VAE, a word tokenizer) is read by the same code.
 
 Latents are (H/f, W/f, C) for images of `model.resolution` (default: the UNet's sample_size x the
 VAE's downscale f, i.e. 512 for SD 1.x). `decode` runs the VAE decoder on latents / scaling_factor
@@ -23,13 +24,13 @@ from prdp_jax import sharding
 from prdp_jax.errors import ConfigError
 from prdp_jax.models import diffusers_folder
 from prdp_jax.models.vae import AutoencoderKL
-from prdp_jax.pipeline import DTYPES, Pipeline
-from prdp_jax.text import CLIPTokenizer
+from prdp_jax.pipeline import DTYPES, Pipeline, pixel_decode
+from prdp_jax.text import CLIPTokenizer, WordTokenizer
 
 
 def latent_shape(folder: diffusers_folder.Folder, resolution: int) -> tuple[int, int, int]:
     """(H/f, W/f, latent channels) for square images of `resolution` pixels (0 = the default)."""
-    f = folder.vae.downscale
+    f = folder.vae.downscale if folder.vae is not None else 1
     unet = folder.unet
     resolution = resolution or unet.sample_size * f
     multiple = f * 2 ** (len(unet.block_out_channels) - 1)
@@ -57,8 +58,11 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, log=print) -> Pipeline:
         config.schedule.update(folder.schedule)
         log(f"schedule from {folder.component('scheduler')}: "
             + ", ".join(f"{k}={v}" for k, v in sorted(folder.schedule.items())))
-    tokenizer = CLIPTokenizer(folder.component("tokenizer"),
-                              folder.text_encoder.max_position_embeddings)
+    if folder.vae is None:
+        tokenizer = WordTokenizer.from_folder(folder.component("tokenizer"))
+    else:
+        tokenizer = CLIPTokenizer(folder.component("tokenizer"),
+                                  folder.text_encoder.max_position_embeddings)
     if tokenizer.vocab_size > folder.text_encoder.vocab_size:
         raise diffusers_folder.WeightsError(
             f"{folder.component('tokenizer')}: {tokenizer.vocab_size} tokens but the text encoder "
@@ -70,8 +74,9 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, log=print) -> Pipeline:
     unet_shardings = shard(abstract_unet)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             abstract_unet, unet_shardings)
-    frozen_shardings = {"text_encoder": shard(folder.abstract_text_encoder()),
-                        "vae": shard(folder.abstract_vae())}
+    frozen_shardings = {"text_encoder": shard(folder.abstract_text_encoder())}
+    if folder.vae is not None:
+        frozen_shardings["vae"] = shard(folder.abstract_vae())
 
     @functools.lru_cache(maxsize=None)
     def host_weights(name: str):
@@ -92,8 +97,13 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, log=print) -> Pipeline:
         """(frozen params, latents [B, h, w, C]) -> images [B, h*f, w*f, 3] float32 in [0, 1]."""
         return vae.apply({"params": frozen["vae"]}, latents, method=AutoencoderKL.decode_latents)
 
-    log(f"Stable Diffusion from {folder.path}: latents {shape}, images "
-        f"{shape[0] * vae.downscale}px, UNet {m.dtype} activations, {m.param_dtype} weights")
+    if vae is None:
+        decode = pixel_decode
+        log(f"pixel-space model from {folder.path}: images {shape}, UNet {m.dtype} activations, "
+            f"{m.param_dtype} weights")
+    else:
+        log(f"Stable Diffusion from {folder.path}: latents {shape}, images "
+            f"{shape[0] * vae.downscale}px, UNet {m.dtype} activations, {m.param_dtype} weights")
     return Pipeline(
         unet=folder.unet, text_encoder=folder.text_encoder, tokenizer=tokenizer,
         latent_shape=shape, decode=decode, unet_params=unet_params, frozen_params=frozen_params,

@@ -40,6 +40,20 @@ class WordTokenizer:
         longest = max((len(words(p)) for p in prompts), default=0) + 2
         return cls(vocab, max_length or longest)
 
+    @classmethod
+    def from_folder(cls, path: str) -> "WordTokenizer":
+        """The tokenizer of a pipeline folder's tokenizer/ (vocab.json: {"words", "max_length"})."""
+        import json
+
+        from prdp_jax.errors import WeightsError
+        file = os.path.join(path, "vocab.json")
+        try:
+            with open(file) as f:
+                spec = json.load(f)
+            return cls(spec["words"], spec["max_length"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise WeightsError(f"{file}: not a readable word vocabulary ({e})") from None
+
     @property
     def vocab_size(self) -> int:
         return len(self.vocab) + 3

@@ -590,6 +590,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
     reward_fn = rewards_lib.combine(dict(config.reward.weights), config)
     train_prompts = prompt_sets.load(config.prompts.train, config)
     pipe = pipeline_lib.build(config, mesh, log=say)
+    pipe.check_prompts(train_prompts, f"prompts.train={config.prompts.train}")
+    for name in config.eval.sets:
+        evaluate.load_eval_set(config, pipe, name)
     trainer = Trainer(config, pipe, mesh, log=say)
     for line in trainer.summary():
         say(line)
@@ -718,6 +721,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
             metrics_lib.atomic_write_json(os.path.join(workdir, "eval", "summary.json"),
                                           {"before": before, "after": after, "table": lines,
                                            "epochs": config.train.epochs, "method": config.method})
+            for name in config.eval.sets:
+                grid = lambda label: os.path.join(workdir, "eval",
+                                                  f"{label}_{prompt_sets.slug(name)}.png")
+                if os.path.exists(grid("before")) and os.path.exists(grid("after")):
+                    evaluate.side_by_side(grid("before"), grid("after"), grid("before_after"))
         result.update(before=before, after=after)
     return result
 

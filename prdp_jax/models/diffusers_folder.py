@@ -38,8 +38,10 @@ EXPECTED_CLASSES = {
     "unet": ("UNet2DConditionModel",),
     "vae": ("AutoencoderKL",),
     "text_encoder": ("CLIPTextModel",),
-    "tokenizer": ("CLIPTokenizer", "CLIPTokenizerFast"),
+    "tokenizer": ("CLIPTokenizer", "CLIPTokenizerFast", "WordTokenizer"),
 }
+# A pixel-space pipeline (the embedded world's base) has no VAE.
+PIXEL_SPACE_PIPELINES = ("PRDPWorldPipeline",)
 # File name stems of each component's weights: (safetensors stem, bin stem).
 WEIGHT_STEMS = {
     "unet": ("diffusion_pytorch_model", "diffusion_pytorch_model"),
@@ -104,7 +106,10 @@ def check_layout(root: str) -> dict:
     if "text_encoder_2" in index or "unet" not in index:
         raise WeightsError(f"{index_path}: pipeline {index.get('_class_name', '?')} is not Stable "
                            f"Diffusion 1.x/2.x (needs unet, vae, text_encoder, tokenizer, scheduler)")
+    pixel_space = index.get("_class_name") in PIXEL_SPACE_PIPELINES
     for name, classes in EXPECTED_CLASSES.items():
+        if name == "vae" and pixel_space:
+            continue
         entry = index.get(name)
         if not (isinstance(entry, list) and len(entry) == 2 and entry[1] in classes):
             raise WeightsError(f"{index_path}: component {name!r} must be {' or '.join(classes)}, "
@@ -335,7 +340,7 @@ class Folder:
 
     path: str
     unet: UNet
-    vae: AutoencoderKL
+    vae: AutoencoderKL | None   # None for a pixel-space pipeline
     text_encoder: TextEncoder
     schedule: dict
     param_dtype: Any = np.float32
@@ -393,19 +398,21 @@ def open_folder(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.f
       attention_chunk: the UNet's attention takes this many queries at a time (0 = all).
     """
     root = os.path.abspath(os.path.expanduser(path))
-    check_layout(root)
+    pixel_space = check_layout(root).get("_class_name") in PIXEL_SPACE_PIPELINES
     cfg = lambda name, file="config.json": (read_json(os.path.join(root, name, file)),
                                            os.path.join(root, name, file))
     ucfg, upath = cfg("unet")
-    vcfg, vpath = cfg("vae")
+    vcfg, vpath = cfg("vae") if not pixel_space else (None, None)
     tcfg, tpath = cfg("text_encoder")
     scfg, spath = cfg("scheduler", "scheduler_config.json")
     try:
         unet = UNet(**unet_fields(ucfg, upath), remat=remat, attention_chunk=attention_chunk,
                     dtype=dtype, param_dtype=param_dtype)
         unet.validate()
-        vae = AutoencoderKL(**vae_fields(vcfg, vpath), dtype=dtype, param_dtype=param_dtype)
-        vae.validate()
+        vae = None
+        if not pixel_space:
+            vae = AutoencoderKL(**vae_fields(vcfg, vpath), dtype=dtype, param_dtype=param_dtype)
+            vae.validate()
         text_encoder = TextEncoder(**text_encoder_fields(tcfg, tpath), param_dtype=param_dtype)
         text_encoder.validate()
     except ConfigError as e:
@@ -413,7 +420,7 @@ def open_folder(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.f
     if unet.cross_attention_dim != text_encoder.hidden_size:
         raise WeightsError(f"{upath}: cross_attention_dim={unet.cross_attention_dim} but the text "
                            f"encoder's hidden_size is {text_encoder.hidden_size} ({tpath})")
-    if unet.in_channels != vae.latent_channels:
+    if vae is not None and unet.in_channels != vae.latent_channels:
         raise WeightsError(f"{upath}: in_channels={unet.in_channels} but the VAE has "
                            f"latent_channels={vae.latent_channels} ({vpath})")
     return Folder(path=root, unet=unet, vae=vae, text_encoder=text_encoder,

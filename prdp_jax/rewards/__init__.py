@@ -121,4 +121,4 @@ def _import_builtin() -> None:
     # Importing a module registers its rewards.
     from prdp_jax.rewards import brightness, jpeg  # noqa: F401
     from prdp_jax.rewards import aesthetic, clipscore, hpsv2, pickscore  # noqa: F401
-    from prdp_jax.world import alignment  # noqa: F401
+    from prdp_jax.world import alignment, preference, quality  # noqa: F401

@@ -3,7 +3,8 @@
 Each pixel is classified to the nearest palette colour (or 'unknown' if none is within
 `COLOR_TOLERANCE`). Then each caption attribute is checked and scored in [0, 1]:
 
-  background  fraction of border pixels of the caption's background colour
+  background  fraction of the border pixels not of an object's colour that have the caption's
+              background colour (objects may touch the border)
   count       1 if the number of object-coloured blobs equals the caption's object count
   per object, on the largest blob of the object's colour:
     colour    blob area / the area the object should have (capped at 1); 0 if no blob
@@ -61,7 +62,9 @@ def score_image(image: np.ndarray, scene: grammar.Scene) -> dict[str, float]:
         comp, n = ndimage.label(labels == cid)
         if n:
             blobs += int((np.bincount(comp.ravel())[1:] >= min_area).sum())
-    checks = {"background": float((border == bg).mean()),
+    objects = [PALETTE_NAMES.index(o.color) for o in scene.objects]
+    open_border = border[~np.isin(border, objects)]
+    checks = {"background": float((open_border == bg).mean()) if open_border.size else 0.0,
               "count": float(blobs == len(scene.objects))}
     per_object = {k: [] for k in ("colour", "position", "size", "shape")}
     for obj in scene.objects:

@@ -12,7 +12,11 @@ def add_world_sections(c: ml_collections.ConfigDict) -> ml_collections.ConfigDic
     w.large_prompts = 8192          # Size of the large split (the paper's 100K+ prompts).
     w.large_sample_prompts = 64     # Fixed evaluation sample of the large split.
     w.heldout_prompts = 128         # Captions with unseen colour-shape pairs.
-    w.base_dir = "~/.cache/prdp_jax/world_base"  # Cache of the pretrained base (Orbax + config).
+    w.base_dir = ""                 # The base model's folder ("" = the one that ships with prdp-jax,
+                                    # prdp_jax/world/base_model); make another with
+                                    # python -m prdp_jax.world.pretrain --out DIR.
+    w.pretrain_missing = False      # Pretrain the base into world.base_dir if that folder does not
+                                    # exist (tiny smoke runs); otherwise a missing base is an error.
 
     c.pretrain = p = ml_collections.ConfigDict()
     p.steps = 1000                  # Optimiser steps of base pretraining.
@@ -24,4 +28,5 @@ def add_world_sections(c: ml_collections.ConfigDict) -> ml_collections.ConfigDic
     p.cfg_dropout = 0.1             # Probability of training on the empty caption (for CFG).
     p.ema_decay = 0.99              # The base keeps an EMA of the weights with this decay.
     p.seed = 0                      # Seeds pretraining batches and noise.
+    p.checkpoint_every = 250        # Save the pretraining state every this many steps (resumable).
     return c

@@ -1,0 +1,49 @@
+"""Pretrains the world's base model and writes it as a verified diffusers-style folder.
+
+    python -m prdp_jax.world.pretrain --out DIR [--config configs/world.py[:recipe]] [--state DIR]
+                                      [--config.pretrain.steps=N ...]
+
+The pretraining state is saved to `--state` (default: DIR.state) every `pretrain.checkpoint_every`
+steps; rerunning the same command resumes where it stopped, so a long pretraining can run in
+several sittings. The folder that ships with prdp-jax (prdp_jax/world/base_model) was made with
+`--out prdp_jax/world/base_model` and the default config.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs",
+    "world.py"), "World config file, optionally ':recipe'.", lock_config=True)
+flags.DEFINE_string("out", None, "Folder to write the base into (replaced if it exists).")
+flags.DEFINE_string("state", None, "Resumable pretraining state (default: <out>.state).")
+
+
+def main(argv) -> None:
+    from prdp_jax import runtime
+    from prdp_jax.errors import UserError
+    from prdp_jax.world import base
+    if len(argv) > 1:
+        print(f"error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
+        sys.exit(2)
+    if not FLAGS.out:
+        print("error: --out is required: the folder to write the base into", file=sys.stderr)
+        sys.exit(2)
+    logging.set_verbosity(logging.WARNING)
+    out = os.path.abspath(os.path.expanduser(FLAGS.out))
+    try:
+        runtime.setup(FLAGS.config)
+        base.pretrain_base(FLAGS.config, out, FLAGS.state or out + ".state",
+                           show_progress=bool(FLAGS.config.log.progress))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main)
