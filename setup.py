@@ -9,6 +9,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["prdp_jax", "prdp_jax.*"]),
+    # The embedded world's pretrained base (a diffusers-style folder with its manifest).
+    package_data={"prdp_jax.world": ["base_model/*.json", "base_model/*/*"]},
     install_requires=[
         "jax==0.10.2",
         "jaxlib==0.10.2",

@@ -135,6 +135,9 @@ class Evaluator:
             "drift_mean": float(drift.mean()),
             "drift_se": float(drift.reshape(P, S).mean(1).std(ddof=1) / math.sqrt(P)) if P > 1 else 0.0,
             "components": {k: float(np.concatenate([d[k] for d in infos]).mean()) for k in infos[0]},
+            # Per prompt too, so that each component's change gets its paired standard error.
+            "per_prompt_components": {k: [float(v) for v in np.concatenate(
+                [d[k] for d in infos]).reshape(P, S).mean(1)] for k in infos[0]},
             "seconds": time.perf_counter() - t0,
             # Kept so that a before/after change gets its paired standard error (same seeds).
             "per_prompt_reward": [float(v) for v in per_prompt],
@@ -172,14 +175,40 @@ def flatten(results: dict) -> dict:
             if isinstance(v, (int, float)) and k not in ("prompts", "samples_per_prompt")}
 
 
-def change_se(before: dict, after: dict) -> float | None:
-    """Standard error of the reward change over prompts, pairing each prompt's before and after
-    samples (they share their seeds); None when the per-prompt rewards are not both recorded."""
-    b, a = before.get("per_prompt_reward"), after.get("per_prompt_reward")
+def change_se(before: dict, after: dict, component: str | None = None) -> float | None:
+    """Standard error of the reward (or a component's) change over prompts, pairing each prompt's
+    before and after samples (they share their seeds); None when the per-prompt values are not
+    both recorded."""
+    if component is None:
+        b, a = before.get("per_prompt_reward"), after.get("per_prompt_reward")
+    else:
+        b = before.get("per_prompt_components", {}).get(component)
+        a = after.get("per_prompt_components", {}).get(component)
     if not b or not a or len(a) != len(b) or len(a) < 2:
         return None
     diff = np.asarray(a) - np.asarray(b)
     return float(diff.std(ddof=1) / math.sqrt(len(diff)))
+
+
+def component_se(result: dict, component: str) -> float:
+    values = result.get("per_prompt_components", {}).get(component)
+    return float(np.std(values, ddof=1) / math.sqrt(len(values))) if values and len(values) > 1 else 0.0
+
+
+def component_table(before: dict, after: dict | None = None) -> list[str]:
+    """Per set, each reward component's mean ± standard error (and its change ± paired SE)."""
+    lines = []
+    for name, b in before.items():
+        a = after.get(name) if after is not None else None
+        lines.append(f"{name}: components")
+        for k, v in b.get("components", {}).items():
+            row = f"  {k:<30} {v:>7.4f} ± {component_se(b, k):.4f}"
+            if a is not None and k in a.get("components", {}):
+                se = change_se(b, a, k)
+                row += (f"  {a['components'][k]:>7.4f} ± {component_se(a, k):.4f}  "
+                        f"{a['components'][k] - v:+.4f}" + (f" ± {se:.4f}" if se is not None else ""))
+            lines.append(row)
+    return lines
 
 
 def table(before: dict, after: dict | None = None) -> list[str]:
@@ -264,7 +293,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | None, 
         after = run(params, ref_params, "after")
         summary.update(after=after, epoch=epoch, workdir=os.path.abspath(workdir))
     summary["table"] = table(before, summary.get("after"))
-    for line in summary["table"]:
+    summary["components"] = component_table(before, summary.get("after"))
+    for line in summary["components"] + summary["table"]:
         log(line)
     if out and jax.process_index() == 0:
         metrics_lib.atomic_write_json(out, summary)
@@ -323,6 +353,8 @@ def main(argv=None) -> None:
                 config.eval[field] = getattr(args, field)
         if not config.eval.sets:
             fail("no evaluation sets: give --sets, e.g. --sets world_heldout,file:captions.txt")
+        if not args.base:
+            export.checkpoint_epochs(args.workdir, args.epoch)
         runtime.setup(config)
         evaluate_checkpoint(config, args.workdir, args.epoch, args.base, args.out,
                             show_progress=bool(config.log.progress))

@@ -715,11 +715,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
             say("evaluating the finetuned model")
             after = evaluator.run_sets(state.params, ref_params, frozen, "after", workdir, show)
         lines = evaluate.table(before, after)
-        for line in lines:
+        components = evaluate.component_table(before, after)
+        for line in components + lines:
             say(line)
         if is_main:
             metrics_lib.atomic_write_json(os.path.join(workdir, "eval", "summary.json"),
                                           {"before": before, "after": after, "table": lines,
+                                           "components": components,
                                            "epochs": config.train.epochs, "method": config.method})
             for name in config.eval.sets:
                 grid = lambda label: os.path.join(workdir, "eval",

@@ -321,3 +321,17 @@ def test_preference_reward_ranks_truth_above_every_degradation():
     assert preference_scores(noise, captions[:50])[0].mean() < 0.05
     grey = np.clip(0.5 + 0.25 * np.random.default_rng(1).normal(size=(50, 24, 24, 3)), 0, 1)
     assert preference_scores(grey.astype(np.float32), captions[:50])[0].mean() < 0.05
+
+
+def test_evaluation_command_refuses_a_run_without_checkpoints(tmp_path, capsys):
+    from prdp_jax import evaluate
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json.dumps(tiny_world_config(tmp_path).to_dict()))
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--workdir", str(tmp_path / "run"), "--sets", "world_heldout"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1
+    assert err[0].startswith("error: ") and "has no checkpoint to evaluate" in err[0]
+    with pytest.raises(SystemExit):
+        evaluate.main(["--sets", "world_heldout"])
+    assert "give --workdir RUN" in capsys.readouterr().err

@@ -38,7 +38,7 @@ def base_dir(config: ml_collections.ConfigDict) -> str:
 def world_record(config: ml_collections.ConfigDict) -> dict:
     """What the base's weights depend on besides its architecture: world, grammar, pretraining."""
     d = json.loads(json.dumps(config.to_dict(), default=str))
-    world = {k: v for k, v in d["world"].items() if k not in ("base_dir", "pretrain_missing")}
+    world = {k: d["world"][k] for k in BASE_WORLD_FIELDS}
     return {"world": world, "pretrain": d["pretrain"], "init_seed": d["model"]["init_seed"],
             "degradations": degrade.DEGRADATIONS,
             "grammar": {"vocabulary": grammar.VOCABULARY,
@@ -115,10 +115,10 @@ def check_world(root: str, config: ml_collections.ConfigDict) -> None:
     saved = base_folder.read_world(root)
     now = world_record(config)
     diff = []
-    for section, keys in (("world", BASE_WORLD_FIELDS), ("grammar", now["grammar"])):
+    for section in ("world", "grammar"):
         a, b = saved.get(section, {}), now[section]
         diff += [f"{section}.{k}: base {a.get(k)!r}, config {b.get(k)!r}"
-                 for k in keys if a.get(k) != b.get(k)]
+                 for k in b if a.get(k) != b.get(k)]
     if diff:
         raise ConfigError(f"the base {root} was made with a different world config "
                           f"({'; '.join(diff[:3])}); point --config.world.base_dir at a base made "
