@@ -157,7 +157,7 @@ class Evaluator:
         """Evaluates every set of `config.eval.sets`; writes eval/<label>.json (and grids)."""
         results = {}
         for name in self.config.eval.sets:
-            prompts = load_eval_set(self.config, self.pipe, name)
+            prompts = eval_prompts(self.config, name)  # checked at start (load_eval_set)
             results[name] = self.run(params, ref_params, frozen, prompts,
                                      self.config.eval.samples_per_prompt, name,
                                      os.path.join(workdir, "eval",
@@ -302,12 +302,17 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | None, 
     return summary
 
 
-def load_eval_set(config: ml_collections.ConfigDict, pipe: pipeline_lib.Pipeline, name: str) -> list[str]:
-    """The prompts of an evaluation set (first `eval.max_prompts`), each checked by the pipeline's
-    prompt validator (the world: every caption parses in its grammar) before anything runs."""
+def eval_prompts(config: ml_collections.ConfigDict, name: str) -> list[str]:
+    """The prompts of an evaluation set: its first `eval.max_prompts` (0 = all)."""
     prompts = prompt_sets.load(name, config)
     limit = config.eval.max_prompts
-    prompts = prompts[:limit] if limit else prompts
+    return prompts[:limit] if limit else prompts
+
+
+def load_eval_set(config: ml_collections.ConfigDict, pipe: pipeline_lib.Pipeline, name: str) -> list[str]:
+    """`eval_prompts`, each checked by the pipeline's prompt validator (the world: every caption
+    parses in its grammar) before anything runs."""
+    prompts = eval_prompts(config, name)
     pipe.check_prompts(prompts, name)
     return prompts
 
