@@ -2,7 +2,7 @@
 
 `pretrain_base` trains the UNet and text encoder on the world's degraded pretraining mix
 (`degrade.py`), resumably (an Orbax state folder saved every few hundred steps), and writes the
-diffusers-style folder of `base_folder.py`. `load` verifies a folder against its manifest, refuses
+diffusers-style folder of `base_folder.py`. `open_base` verifies a folder against its manifest, refuses
 one made with another world config (naming the differing fields), and reads its weights through
 `models/diffusers_folder.py`, the code that reads Stable Diffusion folders.
 """
@@ -79,7 +79,11 @@ def pretrain_base(config: ml_collections.ConfigDict, out: str, state_dir: str, l
         text_encoder, mesh, config, key_text, jnp.zeros((1, length), jnp.int32))
     schedule_kwargs = config.schedule.to_dict()
     record = world_record(config)
-    checkpointer = Checkpointer(state_dir, max_to_keep=1, fingerprint=record,
+    # The state also depends on the architecture and schedule (the folder records those itself).
+    d = json.loads(json.dumps(config.to_dict(), default=str))
+    state_fingerprint = dict(record, unet=d["model"]["unet"], schedule=d["schedule"],
+                             text_encoder=d["model"]["text_encoder"])
+    checkpointer = Checkpointer(state_dir, max_to_keep=1, fingerprint=state_fingerprint,
                                 what="pretraining state",
                                 mismatch_advice="use another --state folder to pretrain afresh")
     try:
