@@ -108,7 +108,7 @@ def sampling_rows(case, size, rows):
         config = setup.config
         jax_s = ours.median_seconds(setup.sample, size.repeats)
         unet = theirs.make_unet(case, ours.host_params(setup.params))
-        coeffs = setup.trainer.coeffs
+        coeffs = setup.training.ctx.coeffs
         context = torch.from_numpy(np.array(setup.context))[
             torch.arange(batch) // config.train.images_per_prompt]
         uncond = torch.from_numpy(np.array(setup.uncond))
@@ -151,7 +151,7 @@ def update_rows(case, size, rows):
         setup, _ = setup_for(case, size.sample_steps, batch, images, size.tile)
         step = setup.update_fn()
         jax_s = ours.median_seconds(step, size.repeats)
-        transitions = batch * setup.trainer.num_steps
+        transitions = batch * setup.training.num_steps
         data = setup.epoch_data()
         latents = theirs.to_nchw(np.asarray(data.latents[0]))
         context = torch.from_numpy(np.array(data.context[0]))
@@ -163,7 +163,7 @@ def update_rows(case, size, rows):
         for mode in ("eager", "compile") if size.torch_compile else ("eager",):
             unet = theirs.make_unet(case, ours.host_params(setup.params))
             model = unet if mode == "eager" else torch.compile(unet)
-            policy = theirs.Policy(model, setup.trainer.coeffs, case.guidance, uncond)
+            policy = theirs.Policy(model, setup.training.ctx.coeffs, case.guidance, uncond)
             time_torch(row, mode, jax_s, lambda: theirs.median_seconds(
                 theirs.Update(policy, latents, context, rewards, images, size.tile).step,
                 size.repeats))
@@ -356,7 +356,7 @@ def main(argv=None) -> int:
     if os.path.exists(notes_path):
         with open(notes_path) as f:
             result["notes"] = [line.rstrip("\n") for line in f]
-    from prdp_jax.metrics import atomic_write_bytes
+    from prdp_jax.files import atomic_write_bytes
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     atomic_write_bytes(out + ".json", (json.dumps(result, indent=1) + "\n").encode())
     atomic_write_bytes(out + ".md", markdown(result).encode())

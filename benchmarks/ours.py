@@ -1,4 +1,4 @@
-"""Our side: the trainer's own compiled steps (`train.Trainer`), timed on random weights.
+"""Our side: the trainer's own compiled steps (`training.epoch`), timed on random weights.
 
 Sampling is the trainer's sampler step (the `lax.scan` chain with CFG, recording log-probs);
 an update is one optimiser step of the trainer on one minibatch: scoring its transitions under
@@ -19,7 +19,8 @@ import numpy as np
 from benchmarks.cases import Case
 from prdp_jax import config as config_lib
 from prdp_jax import pipeline as pipeline_lib
-from prdp_jax import sharding, train
+from prdp_jax import sharding
+from prdp_jax.training import epoch as epoch_lib
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -64,7 +65,8 @@ class _Tokenizer:
 
 
 class Setup:
-    """A Trainer over a freshly initialised UNet of `case`, plus fixed prompt contexts."""
+    """The trainer's steps (`training.epoch.Setup`) over a freshly initialised UNet of `case`,
+    plus fixed prompt contexts."""
 
     def __init__(self, case: Case, config, seed: int = 0):
         self.case, self.config = case, config
@@ -83,47 +85,52 @@ class Setup:
             tokenizer=_Tokenizer(case.text_length), latent_shape=latent,
             decode=pipeline_lib.pixel_decode, unet_params=None, frozen_params=None,
             abstract_unet_params=abstract)
-        self.trainer = train.Trainer(config, pipe, mesh, log=lambda *a: None)
+        self.training = epoch_lib.make_setup(config, pipe, mesh)
         rng = np.random.default_rng(seed)
-        t = self.trainer
+        t = self.training
+        repl = t.shardings.replicated
         self.context = sharding.put(
-            rng.normal(size=(t.num_prompts, case.text_length, case.text_dim)).astype(np.float32),
-            t.repl)
+            rng.normal(size=(t.shape.prompts, case.text_length, case.text_dim)).astype(np.float32),
+            repl)
         self.uncond = sharding.put(
-            rng.normal(size=(1, case.text_length, case.text_dim)).astype(np.float32), t.repl)
-        self.key = sharding.put(np.asarray(jax.random.key_data(jax.random.key(seed))), t.repl)
+            rng.normal(size=(1, case.text_length, case.text_dim)).astype(np.float32), repl)
+        self.key = sharding.put(np.asarray(jax.random.key_data(jax.random.key(seed))), repl)
 
     def compile(self) -> dict:
-        return self.trainer.compile({})
+        self.training, stats = epoch_lib.compile_setup(self.training, {}, log=lambda *a: None)
+        return stats
 
     def sample(self, start: int = 0):
         """One sampler call: trajectories start .. start + sample batch."""
-        t = self.trainer
-        index = np.arange(start, start + t.sample_size, dtype=np.int32)
-        return t._sample(self.params, {}, self.context, self.uncond, self.key,
-                         sharding.put(index, t.batch))
+        t = self.training
+        index = np.arange(start, start + t.shape.sample_batch, dtype=np.int32)
+        return t.steps.sample(self.params, {}, self.context, self.uncond, self.key,
+                              sharding.put(index, t.shardings.batch))
 
     def epoch_data(self):
-        """The epoch's minibatch, sampled from the params and scored as the trainer does."""
-        t = self.trainer
-        batches = tuple(self.sample(i * t.sample_size)[0]
-                        for i in range(t.num_traj // t.sample_size))
-        rewards = np.random.default_rng(1).normal(size=t.num_traj).astype(np.float32) * 0.01
-        sampled = dict(batches=batches, prompt_context=self.context, uncond=self.uncond,
-                       rewards=rewards)
-        data, _ = t.prepare_epoch(self.params, self.params, sampled, np.zeros_like(rewards), 0)
+        """The epoch's minibatches, sampled from the params and scored as the trainer does."""
+        t = self.training
+        size, total = t.shape.sample_batch, t.shape.trajectories
+        batches = tuple(self.sample(i * size)[0] for i in range(total // size))
+        rewards = np.random.default_rng(1).normal(size=total).astype(np.float32) * 0.01
+        samples = epoch_lib.EpochSamples(
+            prompts=[], batches=batches, prompt_context=self.context, uncond=self.uncond,
+            rewards=rewards, reward_info={}, grid_images=None, sample_time=0.0, reward_time=0.0)
+        data, _ = epoch_lib.score_transitions(t, self.params, self.params, samples,
+                                              np.zeros_like(rewards), 0)
         return data
 
     def update_fn(self):
         """() -> one optimiser step (params and AdamW state carried from call to call)."""
-        t = self.trainer
+        t = self.training
         state = t.init_state(jax.tree.map(jnp.copy, self.params))
         data = self.epoch_data()
         carry = {"params": state.params, "opt": state.opt_state}
 
         def step():
-            _, grads, _ = t.minibatch_gradient(carry["params"], data, self.uncond, 0)
-            carry["params"], carry["opt"], norm = t._apply(carry["params"], carry["opt"], grads)
+            _, grads, _ = epoch_lib.minibatch_gradient(t, carry["params"], data, self.uncond, 0)
+            carry["params"], carry["opt"], norm = t.steps.apply(carry["params"], carry["opt"],
+                                                                grads)
             return norm
 
         return step
@@ -141,10 +148,10 @@ def unet_flops(setup: Setup, batch: int, repeats: int) -> dict:
     x = jnp.asarray(rng.normal(size=(batch,) + case.latent_shape).astype(np.float32))
     t = jnp.asarray(rng.integers(0, 1000, batch).astype(np.int32))
     ctx = jnp.asarray(rng.normal(size=(batch, case.text_length, case.text_dim)).astype(np.float32))
-    tr = setup.trainer
-    x, t, ctx = (sharding.put(np.asarray(a), tr.batch) for a in (x, t, ctx))
+    batch = setup.training.shardings.batch
+    x, t, ctx = (sharding.put(np.asarray(a), batch) for a in (x, t, ctx))
     fwd = jax.jit(lambda p, x, t, c: setup.unet.apply({"params": p}, x, t, c),
-                  out_shardings=tr.batch)
+                  out_shardings=batch)
     lowered = fwd.lower(setup.params, x, t, ctx)
     cost = lowered.cost_analysis()  # of the whole (unpartitioned) program
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost

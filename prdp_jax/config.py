@@ -6,8 +6,11 @@ Config files under `configs/` start from `base_config()` and override what they 
 """
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import re
+import types
 
 import ml_collections
 
@@ -285,11 +288,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"checkpoint.every_epochs must be >= 1, got {c.checkpoint.every_epochs}")
 
 
-def load_file(spec: str) -> ml_collections.ConfigDict:
-    """The config of `path/to/file.py[:recipe]` (the file's `get_config(recipe)`)."""
-    import importlib.util
-    import os
-    path, _, recipe = spec.partition(":")
+# The repository's configs/ folder (configs/<name>.py, each with one get_config(recipe)).
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def load_module(path: str) -> types.ModuleType:
+    """The Python config file at `path`, imported as a module."""
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path} not found")
     module_spec = importlib.util.spec_from_file_location(
@@ -299,7 +303,39 @@ def load_file(spec: str) -> ml_collections.ConfigDict:
         module_spec.loader.exec_module(module)
     except SyntaxError as e:
         raise ConfigError(f"config file {path} line {e.lineno}: {e.msg}") from None
+    return module
+
+
+def load_file(spec: str) -> ml_collections.ConfigDict:
+    """The config of `path/to/file.py[:recipe]` (the file's `get_config(recipe)`)."""
+    path, _, recipe = spec.partition(":")
+    module = load_module(path)
     return module.get_config(recipe) if recipe else module.get_config()
+
+
+def load_named(name: str, recipe: str = "") -> ml_collections.ConfigDict:
+    """The config of configs/<name>.py[:recipe] in the repository."""
+    return load_file(os.path.join(CONFIG_DIR, f"{name}.py") + (f":{recipe}" if recipe else ""))
+
+
+def get_field(config: ml_collections.ConfigDict, dotted: str):
+    """The value of a dotted field such as 'train.learning_rate'."""
+    node = config
+    for part in dotted.split("."):
+        if part not in node:
+            raise ConfigError(f"{dotted!r} is not a config field")
+        node = node[part]
+    return node
+
+
+def set_field(config: ml_collections.ConfigDict, dotted: str, value) -> ml_collections.ConfigDict:
+    """Sets an existing dotted field (set_field(c, 'train.epochs', 3)); returns the config."""
+    *parents, leaf = dotted.split(".")
+    node = get_field(config, ".".join(parents)) if parents else config
+    if leaf not in node:
+        raise ConfigError(f"{dotted!r} is not a config field")
+    node[leaf] = value
+    return config
 
 
 def to_json(c: ml_collections.ConfigDict) -> str:

@@ -226,8 +226,6 @@ def step(x_t: jax.Array, model_output: jax.Array, c_x: jax.Array, c_out: jax.Arr
     """
     chex.assert_rank(x_t, 4)
     chex.assert_equal_shape([x_t, model_output])
-    if reduce not in REDUCTIONS:
-        raise ConfigError(f"log-prob reduction must be one of {REDUCTIONS}, got {reduce!r}")
     expand = lambda v: jnp.reshape(jnp.asarray(v, jnp.float32), (-1, 1, 1, 1))
     c_x, c_out, sigma = expand(c_x), expand(c_out), expand(sigma)
     mean = c_x * x_t.astype(jnp.float32) + c_out * model_output.astype(jnp.float32)
@@ -242,6 +240,12 @@ def step(x_t: jax.Array, model_output: jax.Array, c_x: jax.Array, c_out: jax.Arr
         x_prev = x_prev.astype(jnp.float32)
     log_density = (-jnp.square(x_prev - mean) / (2 * jnp.square(sigma))
                    - jnp.log(sigma) - 0.5 * math.log(2 * math.pi))
-    axes = tuple(range(1, log_density.ndim))
-    log_prob = log_density.mean(axes) if reduce == "mean" else log_density.sum(axes)
-    return x_prev, log_prob
+    return x_prev, reduce_over(log_density, tuple(range(1, log_density.ndim)), reduce,
+                               "sample.logprob_reduction")
+
+
+def reduce_over(x: jax.Array, axes, how: str, field: str) -> jax.Array:
+    """The mean or sum (`how`, one of REDUCTIONS, set by config `field`) of x over `axes`."""
+    if how not in REDUCTIONS:
+        raise ConfigError(f"{field} must be one of {REDUCTIONS}, got {how!r}")
+    return x.mean(axes) if how == "mean" else x.sum(axes)

@@ -20,18 +20,21 @@ import ml_collections
 import numpy as np
 
 from prdp_jax import config as config_lib
-from prdp_jax import diffusion, metrics as metrics_lib, sampler, sharding, update
+from prdp_jax import files, metrics as metrics_lib, sharding, update
 from prdp_jax import pipeline as pipeline_lib
 from prdp_jax import rewards as rewards_lib
 from prdp_jax import prompts as prompt_sets
-from prdp_jax.errors import ConfigError
 from prdp_jax.progress import progress
+from prdp_jax.training import steps as steps_lib
 
 
-def _sample_and_score(pipe, coeffs, tiling, guidance_scale, reduce, constrain, params, ref_params,
-                      frozen, prompt_context, uncond, key_data, prompt_index, sample_index):
-    """Samples a batch with fixed per-(prompt, sample) keys.
+def sample_and_score(ctx: steps_lib.StepContext, params, ref_params, frozen,
+                     prompt_context: jax.Array, uncond: jax.Array, key_data: jax.Array,
+                     prompt_index: jax.Array, sample_index: jax.Array):
+    """Samples a batch with fixed per-(prompt, sample) keys (the trainer's sampler step).
 
+    Args:
+      prompt_context: [P, L, D];  prompt_index, sample_index: [b] int32.
     Returns:
       (images [b, H, W, 3], drift [b]: the mean per-step log pi_params - log pi_ref of each
       trajectory, with log pi_params recorded by the sampler and log pi_ref re-scored; exactly 0
@@ -40,17 +43,15 @@ def _sample_and_score(pipe, coeffs, tiling, guidance_scale, reduce, constrain, p
     base = jax.random.wrap_key_data(key_data)
     keys = jax.vmap(lambda i, j: jax.random.fold_in(jax.random.fold_in(base, i), j))(
         prompt_index, sample_index)
-    context = constrain(prompt_context[prompt_index])
-    traj = sampler.sample(pipe.denoiser, params, coeffs, context, uncond, keys,
-                          latent_shape=pipe.latent_shape, guidance_scale=guidance_scale,
-                          reduce=reduce, constrain=constrain)
-    images = constrain(pipe.decode(frozen, traj.final))
-    if ref_params is None:
-        return images, jnp.zeros(context.shape[:1], jnp.float32)
+    context = ctx.constrain(prompt_context[prompt_index])
+    traj, images = steps_lib.sample_and_decode(ctx, params, frozen, context, uncond, keys)
     zeros = jnp.zeros(context.shape[:1], jnp.float32)
-    mb = update.Minibatch(traj.latents, context, traj.log_probs, traj.log_probs, zeros, zeros)
-    ref = update.score(pipe.denoiser, ref_params, mb, uncond, coeffs, tiling,
-                       guidance_scale=guidance_scale, reduce=reduce, constrain=constrain)
+    if ref_params is None:
+        return images, zeros
+    transitions = update.Transitions(traj.latents, context, traj.log_probs, traj.log_probs,
+                                     zeros, zeros)
+    ref = update.score(ctx.pipe.denoiser, ref_params, transitions, uncond, ctx.coeffs, ctx.tiling,
+                       **ctx.policy_kwargs)
     return images, (traj.log_probs - ref).mean(-1)
 
 
@@ -63,12 +64,8 @@ class Evaluator:
         e = config.eval
         self.batch = e.batch_size
         shards = sharding.batch_shards(mesh)
-        if self.batch % shards:
-            raise ConfigError(f"eval.batch_size={self.batch} is not divisible by the {shards} batch "
-                              f"shards (mesh.data x mesh.fsdp)")
-        schedule = diffusion.make_schedule(**config.schedule.to_dict())
-        coeffs = diffusion.step_coefficients(schedule, config.sample.num_steps, config.sample.eta,
-                                             config.sample.final_step)
+        sharding.check_batch_divisible("eval.batch_size", self.batch, shards)
+        coeffs = steps_lib.policy_coefficients(config)
         self.num_steps = coeffs.num_stochastic
         t = config.train
         traj = min(t.microbatch_trajectories, self.batch)
@@ -79,8 +76,7 @@ class Evaluator:
         self.batch_sharding = batch
         self.repl = sharding.replicated(mesh)
         self._step = jax.jit(functools.partial(
-            _sample_and_score, pipe, coeffs, tiling, config.sample.guidance_scale,
-            config.sample.logprob_reduction, sharding.constrain_batch(mesh)),
+            sample_and_score, steps_lib.step_context(config, pipe, mesh, coeffs, tiling)),
             out_shardings=(batch, batch))
         self._encode = jax.jit(pipe.encode_text, out_shardings=self.repl)
         self._head = jax.jit(lambda x, k: x[:k], static_argnums=1, out_shardings=self.repl)
@@ -123,7 +119,8 @@ class Evaluator:
                                                   [{}] * len(other))[0][keep])
             infos.append({k: v[keep] for k, v in info.items() if np.ndim(v) == 1})
             drifts.append(sharding.to_host(drift)[keep])
-            in_grid = int((keep & (prompt_index[sl] < 4)).sum())  # leading rows of the batch
+            # The grid's prompts lead the set, so their images lead the batch.
+            in_grid = int((keep & (prompt_index[sl] < self.config.log.grid_prompts)).sum())
             if grid_path is not None and in_grid:
                 grid.append(sharding.to_host(self._head(images, in_grid)))
         rewards, drift = np.concatenate(rewards), np.concatenate(drifts)
@@ -146,10 +143,9 @@ class Evaluator:
             shuffled = np.concatenate(shuffled)
             out["reward_shuffled_captions"] = float(shuffled.mean())
         if grid_path is not None and grid:
-            images = np.concatenate(grid)
-            rows = min(4, P)
-            captions = [f"{prompts[i // S]}\nreward {rewards[i]:.3f}" for i in range(rows * S)]
-            metrics_lib.save_grid(grid_path, images[:rows * S], captions, columns=S)
+            metrics_lib.save_reward_grid(grid_path, np.concatenate(grid), prompts, rewards,
+                                         per_prompt=S, rows=self.config.log.grid_prompts,
+                                         columns=S)
         return out
 
     def run_sets(self, params, ref_params, frozen, label: str, workdir: str,
@@ -165,7 +161,7 @@ class Evaluator:
                                      if grids else None, show_progress)
         if jax.process_index() == 0:
             os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
-            metrics_lib.atomic_write_json(os.path.join(workdir, "eval", f"{label}.json"), results)
+            files.atomic_write_json(os.path.join(workdir, "eval", f"{label}.json"), results)
         return results
 
 
@@ -251,7 +247,7 @@ def side_by_side(left: str, right: str, out: str, labels: tuple[str, str] = ("be
     draw = ImageDraw.Draw(canvas)
     draw.text((4, 3), labels[0], fill="black")
     draw.text((a.width + gap + 4, 3), labels[1], fill="black")
-    metrics_lib.atomic_save_image(canvas, out)
+    files.atomic_save_image(canvas, out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,7 +293,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | None, 
     for line in summary["components"] + summary["table"]:
         log(line)
     if out and jax.process_index() == 0:
-        metrics_lib.atomic_write_json(out, summary)
+        files.atomic_write_json(out, summary)
         log(f"wrote {out}")
     return summary
 

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from prdp_jax import files
 from prdp_jax.errors import CheckpointError, ConfigError, UserError
 
 UNET_DIR = "unet"
@@ -41,7 +42,7 @@ def unet_module(config: ml_collections.ConfigDict):
     if config.model.source == "diffusers":
         from prdp_jax.models import diffusers_folder
         folder = diffusers_folder.open_folder(config.model.path, variant=config.model.variant)
-        source = diffusers_folder.read_json(os.path.join(folder.component(UNET_DIR), "config.json"))
+        source = files.read_json(os.path.join(folder.component(UNET_DIR), "config.json"))
         return folder.unet, source
     from prdp_jax import pipeline
     return pipeline.unet_from_config(config).clone(dtype=jnp.float32, remat=False), None
@@ -93,7 +94,8 @@ def restore_unet_params(workdir: str, epoch: Optional[int] = None) -> tuple[Any,
     """
     from prdp_jax import checkpoint as ckpt_lib
     from prdp_jax import config as config_lib
-    from prdp_jax import sharding, train
+    from prdp_jax import sharding
+    from prdp_jax.training import state as train
     config = read_run_config(workdir)
     directory = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(directory):

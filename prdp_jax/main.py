@@ -3,7 +3,7 @@
     python -m prdp_jax.main --config configs/<file>.py[:recipe] [--workdir DIR] [--config.a.b=v]
 
 It parses the flags, sets up JAX (multi-host runtime, compilation cache) and calls
-`train.train_and_evaluate(config, workdir)`. Errors in user input print one line and exit 2; a run
+`training.loop.train_and_evaluate(config, workdir)`. Errors in user input print one line and exit 2; a run
 stopped by SIGTERM checkpoints, says how far it got and exits 143; rerunning it resumes.
 """
 from __future__ import annotations
@@ -70,13 +70,14 @@ def main(argv) -> None:
     if len(argv) > 1:
         fail(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.WARNING)  # JAX's backend probing is INFO-level noise here.
-    from prdp_jax import preemption, runtime, train
+    from prdp_jax import preemption, runtime
+    from prdp_jax.training.loop import train_and_evaluate
     from prdp_jax.errors import UserError
     stop = preemption.StopSignal(received=bool(_early_sigterm))  # SIGTERM: stop at a safe point
     try:
         runtime.setup(FLAGS.config)
         workdir = FLAGS.workdir or default_workdir(FLAGS["config"].config_filename)
-        train.train_and_evaluate(FLAGS.config, workdir, stop=stop)
+        train_and_evaluate(FLAGS.config, workdir, stop=stop)
     except UserError as e:
         fail(str(e))
     except preemption.Preempted as e:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
 import json
 import math
 import os
@@ -88,12 +87,8 @@ HARDWARE = (("TPU v5e", 16), ("TPU v4", 32), ("A100 40GB", 40), ("A100/H100 80GB
 
 def sd_config(scale: str, devices: int, layout: str):
     """The `configs/sd.py` recipe of `scale`, on `devices` devices in `layout`."""
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                        "configs", "sd.py")
-    spec = importlib.util.spec_from_file_location("sd_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config(SCALES[scale])
+    from prdp_jax import config as config_lib
+    c = config_lib.load_named("sd", SCALES[scale])
     c.mesh.devices = devices
     c.mesh.data, c.mesh.fsdp = (devices, 1) if layout == "replicated" else (1, devices)
     c.model.remat = layout == "fsdp_remat"
@@ -173,19 +168,20 @@ def measure(scale: str, devices: int, layout: str) -> dict:
     """Compiles one configuration (in this process, which must have `devices` devices)."""
     import jax
     import jax.numpy as jnp
-    from prdp_jax import sharding, train
+    from prdp_jax import sharding
+    from prdp_jax.training import epoch as epoch_lib
     config = sd_config(scale, devices, layout)
     mesh = sharding.mesh_from_config(config.mesh)
     pipe, frozen = abstract_pipeline(config, mesh)
-    trainer = train.Trainer(config, pipe, mesh, log=lambda *a: None)
-    stats = trainer.compile(frozen)
-    state = trainer.abstract_state()
+    setup, stats = epoch_lib.compile_setup(epoch_lib.make_setup(config, pipe, mesh), frozen,
+                                           log=lambda *a: None)
+    state = setup.abstract_state()
     shards = sharding.batch_shards(mesh)
-    M, n, T = trainer.num_minibatches, trainer.mb_traj, trainer.num_steps
+    M, n, T = setup.shape.minibatches, setup.shape.minibatch_trajectories, setup.num_steps
     latent = math.prod(pipe.latent_shape)
     L, D = _Tokenizer.max_length, pipe.text_encoder.hidden_size
     traj = M * n * ((T + 1) * latent + L * D + 2 * T + 2) * 4  # f32 epoch arrays, all devices
-    sampled = trainer.num_traj * ((T + 1) * latent + T) * 4    # the sampler's output, kept too
+    sampled = setup.shape.trajectories * ((T + 1) * latent + T) * 4    # the sampler's output, kept too
     params = per_device_bytes(state.params)
     grads = per_device_bytes(jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32, sharding=a.sharding), state.params))
@@ -200,8 +196,9 @@ def measure(scale: str, devices: int, layout: str) -> dict:
             "activations": max(s["temp_bytes"] for s in stats.values()),
         },
         "compiled": stats,
-        "tile": {"trajectories": trainer.tiling.trajectories,
-                 "steps": trainer.tiling.steps_per_tile, "sample_batch": trainer.sample_size},
+        "tile": {"trajectories": setup.ctx.tiling.trajectories,
+                 "steps": setup.ctx.tiling.steps_per_tile,
+                 "sample_batch": setup.shape.sample_batch},
     }
 
 
@@ -322,7 +319,7 @@ def main(argv=None) -> int:
 
 
 def _write(out: str, rows: list) -> None:
-    from prdp_jax.metrics import atomic_write_bytes
+    from prdp_jax.files import atomic_write_bytes
     order = lambda r: (list(SCALES).index(r["scale"]), r["devices"], LAYOUTS.index(r["layout"]))
     rows = sorted(rows, key=order)
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)

@@ -1,7 +1,7 @@
 """Metric and image output: a JSONL file, TensorBoard event files and captioned PNG grids.
 
-Only process 0 writes; on other processes every method is a no-op. Files are written to a
-temporary name and renamed, so a crash never leaves a half-written PNG or JSON.
+Only process 0 writes; on other processes every method is a no-op. Files are written atomically
+(`files.py`), so a crash never leaves a half-written PNG or JSON.
 """
 from __future__ import annotations
 
@@ -14,16 +14,7 @@ import jax
 import numpy as np
 from PIL import Image, ImageDraw
 
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: str, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+from prdp_jax.files import atomic_save_image, atomic_write_bytes
 
 
 class MetricWriter:
@@ -102,17 +93,25 @@ def image_grid(images: np.ndarray, captions: Sequence[str], columns: int, scale:
     return grid
 
 
-def atomic_save_image(image, path: str) -> None:
-    """Writes a PIL image as PNG, atomically, creating its folder."""
-    import io
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
-
-
 def save_grid(path: str, images: np.ndarray, captions: Sequence[str], columns: int) -> None:
+    """Writes `image_grid` as a PNG (small images upscaled to about 96 pixels); process 0 only."""
     if jax.process_index() != 0:
         return
     scale = max(1, 96 // images.shape[2])
     atomic_save_image(image_grid(images, captions, columns, scale=scale), path)
+
+
+def save_reward_grid(path: str, images: np.ndarray, prompts: Sequence[str], rewards: np.ndarray,
+                     *, per_prompt: int, rows: int, columns: int) -> None:
+    """A grid of prompts (rows) by their images (columns), each captioned with its reward.
+
+    Args:
+      images: [k, H, W, 3] the leading prompts' images, `per_prompt` consecutive ones a prompt.
+      rewards: [>= k] the reward of image g (of prompt g // per_prompt).
+      rows, columns: at most this many prompts, and images of each.
+    """
+    cols = min(columns, per_prompt)
+    rows = min(rows, images.shape[0] // per_prompt)
+    keep = (np.arange(rows)[:, None] * per_prompt + np.arange(cols)[None]).reshape(-1)
+    captions = [f"{prompts[g // per_prompt]}\nreward {rewards[g]:.3f}" for g in keep]
+    save_grid(path, images[keep], captions, columns=cols)

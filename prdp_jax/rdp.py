@@ -16,16 +16,12 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from prdp_jax import diffusion
 from prdp_jax.errors import ConfigError
-
-REDUCTIONS = ("mean", "sum")
-
 
 def aggregate_steps(x: jax.Array, reduction: str) -> jax.Array:
     """[n, T] -> [n], mean or sum over steps."""
-    if reduction not in REDUCTIONS:
-        raise ConfigError(f"prdp.step_reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    return x.mean(-1) if reduction == "mean" else x.sum(-1)
+    return diffusion.reduce_over(x, -1, reduction, "prdp.step_reduction")
 
 
 def rdp_loss(log_probs: jax.Array, log_probs_old: jax.Array, log_probs_ref: jax.Array,

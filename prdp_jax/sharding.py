@@ -91,6 +91,13 @@ def batch_shards(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
+def check_batch_divisible(what: str, size: int, shards: int) -> None:
+    """Refuses a batch of `size` (config field or quantity `what`) that `shards` cannot split."""
+    if size % shards:
+        raise ConfigError(f"{what} = {size} is not divisible by the {shards} batch shards "
+                          f"(mesh.data x mesh.fsdp); change the batch or the mesh")
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading dimension split over ('data', 'fsdp'); the rest replicated."""
     return NamedSharding(mesh, P(BATCH_AXES))

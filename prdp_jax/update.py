@@ -28,13 +28,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prdp_jax import diffusion
+from prdp_jax import diffusion, sharding
 from prdp_jax.errors import ConfigError
 
 
 @flax.struct.dataclass
-class Minibatch:
-    """Stored trajectories of a group of prompts (trajectory-major, images of a prompt contiguous).
+class Transitions:
+    """Stored transitions of trajectories (trajectory-major, a prompt's images contiguous): a
+    minibatch has leading dim [n]; an epoch's minibatches [M, n] (shapes below are a minibatch's).
 
     Attributes:
       latents: [n, T+1, H, W, C] float32 chains x_T .. x_0.
@@ -70,9 +71,7 @@ class Tiling:
         if n % a:
             raise ConfigError(f"train.microbatch_trajectories={a} must divide the {n} trajectories of "
                               f"a minibatch (prompts_per_minibatch x images_per_prompt)")
-        if a % s:
-            raise ConfigError(f"train.microbatch_trajectories={a} must be a multiple of the {s} batch "
-                              f"shards (mesh.data x mesh.fsdp)")
+        sharding.check_batch_divisible("train.microbatch_trajectories", a, s)
 
     @property
     def steps_per_tile(self) -> int:
@@ -117,7 +116,7 @@ def _tile_steps(tiling: Tiling, c: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.minimum(idx, tiling.num_steps - 1), idx < tiling.num_steps
 
 
-def tile_log_probs(denoiser: diffusion.Denoiser, params: chex.ArrayTree, mb: Minibatch,
+def tile_log_probs(denoiser: diffusion.Denoiser, params: chex.ArrayTree, mb: Transitions,
                    uncond_context: jax.Array, coeffs: diffusion.StepCoefficients, tiling: Tiling,
                    j: jax.Array, c: jax.Array, *, guidance_scale: float, reduce: str,
                    constrain: Constrain = _identity) -> tuple[jax.Array, jax.Array]:
@@ -147,7 +146,7 @@ def tile_log_probs(denoiser: diffusion.Denoiser, params: chex.ArrayTree, mb: Min
     return log_prob.reshape(lead), valid
 
 
-def score(denoiser: diffusion.Denoiser, params: chex.ArrayTree, mb: Minibatch,
+def score(denoiser: diffusion.Denoiser, params: chex.ArrayTree, mb: Transitions,
           uncond_context: jax.Array, coeffs: diffusion.StepCoefficients, tiling: Tiling, *,
           guidance_scale: float, reduce: str, constrain: Constrain = _identity) -> jax.Array:
     """Phase 1: log pi_params of every stored transition of the minibatch, forward only.
@@ -170,11 +169,11 @@ def score(denoiser: diffusion.Denoiser, params: chex.ArrayTree, mb: Minibatch,
     return out[:, :tiling.num_steps]
 
 
-Objective = Callable[[jax.Array, Minibatch], tuple[jax.Array, dict]]
+Objective = Callable[[jax.Array, Transitions], tuple[jax.Array, dict]]
 
 
 def loss_and_weights(objective: Objective, log_probs: jax.Array,
-                     mb: Minibatch) -> tuple[jax.Array, jax.Array, dict]:
+                     mb: Transitions) -> tuple[jax.Array, jax.Array, dict]:
     """Phase 2: the loss and w = dL/d(log_probs), both from the [n, T] log-probs alone.
 
     Returns:
@@ -184,7 +183,7 @@ def loss_and_weights(objective: Objective, log_probs: jax.Array,
     return loss, weights, aux
 
 
-def accumulate_grad(denoiser: diffusion.Denoiser, params: chex.ArrayTree, mb: Minibatch,
+def accumulate_grad(denoiser: diffusion.Denoiser, params: chex.ArrayTree, mb: Transitions,
                     uncond_context: jax.Array, weights: jax.Array, j: jax.Array, c: jax.Array,
                     grads: chex.ArrayTree, coeffs: diffusion.StepCoefficients, tiling: Tiling, *,
                     guidance_scale: float, reduce: str,

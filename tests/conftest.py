@@ -8,6 +8,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+from prdp_jax import config as config_lib  # noqa: E402
 from prdp_jax import runtime  # noqa: E402
 
 CACHE = os.path.expanduser(os.environ.get("PRDP_TEST_XLA_CACHE", "~/.cache/prdp_jax/pytest-xla"))
@@ -54,11 +55,7 @@ def tiny_config(method: str = "prdp", **overrides):
 def override(c, **overrides):
     """Sets dotted fields: override(c, **{"train.epochs": 3})."""
     for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+        config_lib.set_field(c, key, value)
     return c
 
 

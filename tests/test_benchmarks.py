@@ -10,6 +10,7 @@ import torch
 
 from benchmarks import cases, ours, theirs
 from prdp_jax import rdp
+from prdp_jax.training import epoch as epoch_lib
 from prdp_jax.models.convert import params_to_state_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,9 +36,9 @@ def test_torch_update_gradient_equals_ours():
     data = setup.epoch_data()
     # theta moved away from theta_old, so the clip and the max are active on both sides
     params = jax.tree.map(lambda p: p * 1.01, setup.params)
-    loss, grads, aux = setup.trainer.minibatch_gradient(params, data, setup.uncond, 0)
+    loss, grads, aux = epoch_lib.minibatch_gradient(setup.training, params, data, setup.uncond, 0)
     assert float(aux["clip_frac"]) > 0
-    policy = theirs.Policy(theirs.make_unet(case, ours.host_params(params)), setup.trainer.coeffs,
+    policy = theirs.Policy(theirs.make_unet(case, ours.host_params(params)), setup.training.ctx.coeffs,
                            case.guidance, torch.from_numpy(np.array(setup.uncond)))
     update = theirs.Update(policy, theirs.to_nchw(np.array(data.latents[0])),
                            torch.from_numpy(np.array(data.context[0])),

@@ -131,11 +131,7 @@ REWARD_NAMES = {"aesthetic", "pickscore", "hpsv2", "clipscore"}
 
 
 def test_sd_recipes_match_table_4_and_load_without_weights():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(
-        "sd_recipes", os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "sd.py"))
-    sd = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sd)
+    sd = config_lib.load_module(os.path.join(config_lib.CONFIG_DIR, "sd.py"))
     table4 = {  # (E, K passes, N, B, beta, eps, lr) of Table 4
         "small": (100, 10, 32, 16, 3e-5, 1e-6, 1e-5),
         "large": (1000, 1, 64, 8, 3e-6, 1e-4, 7e-6),

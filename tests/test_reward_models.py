@@ -501,21 +501,24 @@ def test_combine_on_device_and_mixed_with_host(clip_folder):
 
 
 def test_trainer_samples_with_on_device_reward(clip_folder):
-    """The trainer's sample_epoch hands its device images to a combined on-device + host reward."""
+    """The trainer's sampling hands its device images to a combined on-device + host reward."""
     from conftest import tiny_config
-    from prdp_jax import pipeline, prompts as prompt_sets, train
+    from prdp_jax import pipeline, prompts as prompt_sets
+    from prdp_jax.training import epoch as epoch_lib, state as state_lib
     folder, _ = clip_folder
     config = tiny_config(**{"reward.clipscore.path": folder,
                             "reward.weights": {"clipscore": 1.0, "jpeg_compressibility": 0.01}})
     mesh = sharding.mesh_from_config(config.mesh)
     pipe = pipeline.build(config, mesh)
-    trainer = train.Trainer(config, pipe, mesh, log=lambda *a: None)
-    state = trainer.init_state(pipe.unet_params())
+    setup = epoch_lib.make_setup(config, pipe, mesh)
+    state = setup.init_state(pipe.unet_params())
     reward = rewards.combine(dict(config.reward.weights), config)
     assert reward.on_device
     prompts = prompt_sets.PromptSampler(prompt_sets.load("animal_names"), 0).sample(4)
-    sampled = trainer.sample_epoch(state, pipe.frozen_params(), prompts, 0, reward, False)
-    value, info = sampled["rewards"], sampled["reward_info"]
+    sampled = epoch_lib.sample_and_reward(
+        setup, state.params, pipe.frozen_params(), prompts,
+        state_lib.epoch_key(state, 0, setup.shardings.replicated), reward, 0, False)
+    value, info = sampled.rewards, sampled.reward_info
     assert value.shape == (16,) and np.isfinite(value).all()
     assert ((0 <= info["clipscore"]) & (info["clipscore"] <= 2.5)).all()
     np.testing.assert_allclose(value, info["clipscore"] + 0.01 * info["jpeg_compressibility"],

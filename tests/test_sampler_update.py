@@ -109,7 +109,7 @@ def test_sampler_program_does_not_grow_with_steps():
 def minibatch(n=8, num_steps=5, B=4):
     params, other = params_pair()
     traj, ctx, uncond, coeffs = sample(params, n, num_steps)
-    placeholder = update.Minibatch(traj.latents, ctx, traj.log_probs, traj.log_probs,
+    placeholder = update.Transitions(traj.latents, ctx, traj.log_probs, traj.log_probs,
                                    jnp.zeros(n), jnp.zeros(n))
     tiling = update.Tiling(n, num_steps, trajectories=n, steps=num_steps)
     score = jax.jit(functools.partial(update.score, denoiser, coeffs=coeffs, tiling=tiling,
@@ -118,7 +118,7 @@ def minibatch(n=8, num_steps=5, B=4):
     ref = score(other, placeholder, uncond)
     rewards = jax.random.uniform(jax.random.key(5), (n,))
     adv = jnp.asarray(ddpo.batch_advantages(np.asarray(rewards)))
-    mb = update.Minibatch(traj.latents, ctx, old, ref, rewards, adv)
+    mb = update.Transitions(traj.latents, ctx, old, ref, rewards, adv)
     return mb, uncond, coeffs
 
 
@@ -224,7 +224,7 @@ def grad_step_temp_bytes(num_steps, images):
     coeffs = diffusion.step_coefficients(diffusion.make_schedule(), num_steps, 1.0)
     tiling = update.Tiling(n, num_steps, trajectories=4, steps=5)
     sds = jax.ShapeDtypeStruct
-    mb = update.Minibatch(sds((n, num_steps + 1) + SHAPE, jnp.float32), sds((n,) + CTX, jnp.float32),
+    mb = update.Transitions(sds((n, num_steps + 1) + SHAPE, jnp.float32), sds((n,) + CTX, jnp.float32),
                           sds((n, num_steps), jnp.float32), sds((n, num_steps), jnp.float32),
                           sds((n,), jnp.float32), sds((n,), jnp.float32))
     fn = jax.jit(functools.partial(update.accumulate_grad, denoiser, coeffs=coeffs, tiling=tiling,

@@ -17,7 +17,7 @@ import pytest
 from conftest import tiny_config
 from prdp_jax import checkpoint as ckpt_lib
 from prdp_jax import config as config_lib
-from prdp_jax import train
+from prdp_jax.training import loop
 from test_train import build, host, rel_err
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,9 +62,9 @@ def test_fsdp_shards_params_optimizer_and_reference_and_trains_like_data_paralle
                                 "train.microbatch_trajectories": 8, "train.learning_rate": 1e-4,
                                 **axes})
         config.reward.weights = {"brightness": 1.0}
-        out = train.train_and_evaluate(config, str(tmp_path / name), log=lambda *a: None)
+        out = loop.train_and_evaluate(config, str(tmp_path / name), log=lambda *a: None)
         results[name] = out
-    trainer = results["fsdp"]["trainer"]
+    trainer = results["fsdp"]["setup"]
     state = results["fsdp"]["state"]
     ref = trainer.pipe.unet_params()
     mu = state.opt_state[1][0].mu
@@ -91,7 +91,7 @@ def test_two_processes_of_four_devices_equal_one_process_of_eight(tmp_path):
                  "train.learning_rate": 1e-4}
     config = tiny_config(**overrides)
     config.reward.weights = {"brightness": 1.0}
-    one = train.train_and_evaluate(config, str(tmp_path / "one"), log=lambda *a: None)
+    one = loop.train_and_evaluate(config, str(tmp_path / "one"), log=lambda *a: None)
     proc = subprocess.run(
         [os.path.join(ROOT, "launch", "local.sh"), "-n", "2", "-d", "4", "--",
          *main_command(tmp_path / "two", *[f"{k}={v}" for k, v in overrides.items()],
@@ -99,7 +99,7 @@ def test_two_processes_of_four_devices_equal_one_process_of_eight(tmp_path):
         cwd=ROOT, env=env(PYTHON=sys.executable), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "8 device(s), mesh data=8 fsdp=1 tensor=1 | 2 process(es)" in proc.stdout
-    two = restore_params(one["trainer"], str(tmp_path / "two"), 2, config)
+    two = restore_params(one["setup"], str(tmp_path / "two"), 2, config)
     assert rel_err(two, host(one["state"].params)) < 1e-5
     for a, b in zip(rows(tmp_path / "one"), rows(tmp_path / "two")):
         np.testing.assert_allclose(a["reward_mean"], b["reward_mean"], rtol=1e-6)

@@ -15,7 +15,8 @@ import torch
 import sd_tiny
 from conftest import CACHE, override
 from prdp_jax import export as export_lib
-from prdp_jax import sharding, train
+from prdp_jax import sharding
+from prdp_jax.training import loop
 from prdp_jax.models import diffusers_folder
 from test_train import load_config
 
@@ -43,7 +44,7 @@ def run(tmp_path_factory):
     folder = sd_tiny.make_folder(str(root / "sd"), "sd1", "safetensors", seed=3)
     workdir = str(root / "run")
     logs = []
-    result = train.train_and_evaluate(tiny_sd_config(folder), workdir, log=logs.append)
+    result = loop.train_and_evaluate(tiny_sd_config(folder), workdir, log=logs.append)
     return dict(folder=folder, workdir=workdir, result=result, logs=logs, root=root)
 
 
@@ -59,17 +60,18 @@ def test_one_prdp_epoch_on_tiny_sd(run):
     assert saved["schedule"]["steps_offset"] == 1 and saved["schedule"]["beta_start"] == 0.00085
 
     # Precision: bf16 weights, float32 AdamW moments; the sampler's log-probs and latents float32.
-    state, trainer = result["state"], result["trainer"]
+    state, setup = result["state"], result["setup"]
     assert {a.dtype for a in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.bfloat16)}
     assert {a.dtype for a in jax.tree.leaves(state.opt_state) if a.ndim} == {jnp.dtype(jnp.float32)}
-    pipe = trainer.pipe
+    pipe = setup.pipe
     frozen = pipe.frozen_params()
     assert {a.dtype for a in jax.tree.leaves(frozen)} == {jnp.dtype(jnp.bfloat16)}
-    prompt_context = trainer._encode(frozen, pipe.tokenizer(["a painting of a cat", "a photo of a dog"]))
-    uncond = trainer._encode(frozen, pipe.tokenizer([""]))
-    key = sharding.put(np.asarray(jax.random.key_data(jax.random.key(0))), trainer.repl)
-    traj, images = trainer._sample(state.params, frozen, prompt_context, uncond, key,
-                                   sharding.put(np.arange(4, dtype=np.int32), trainer.batch))
+    steps, sh = setup.steps, setup.shardings
+    prompt_context = steps.encode(frozen, pipe.tokenizer(["a painting of a cat", "a photo of a dog"]))
+    uncond = steps.encode(frozen, pipe.tokenizer([""]))
+    key = sharding.put(np.asarray(jax.random.key_data(jax.random.key(0))), sh.replicated)
+    traj, images = steps.sample(state.params, frozen, prompt_context, uncond, key,
+                                sharding.put(np.arange(4, dtype=np.int32), sh.batch))
     assert traj.log_probs.dtype == jnp.float32 and traj.log_probs.shape == (4, 2)
     assert traj.latents.dtype == jnp.float32 and traj.latents.shape == (4, 3, 8, 8, 4)
     assert images.shape == (4, 16, 16, 3) and images.dtype == jnp.float32

@@ -1,5 +1,4 @@
 """The trainer end to end: 1 vs 8 devices, exact resume, bad checkpoints, a reward that rises."""
-import importlib.util
 import json
 import os
 import shutil
@@ -9,25 +8,23 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
+from prdp_jax import config as config_lib
 from prdp_jax import pipeline as pipeline_lib
 from prdp_jax import prompts as prompt_sets
-from prdp_jax import rewards, sharding, train
+from prdp_jax import rewards, sharding
+from prdp_jax.training import epoch as epoch_lib, loop, state as state_lib
 from prdp_jax.errors import CheckpointError, ConfigError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config(name, recipe=""):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(recipe)
+    return config_lib.load_named(name, recipe)
 
 
 def build(config):
     mesh = sharding.mesh_from_config(config.mesh)
     pipe = pipeline_lib.build(config, mesh)
-    return train.Trainer(config, pipe, mesh, log=lambda *a: None), pipe
+    return epoch_lib.make_setup(config, pipe, mesh), pipe
 
 
 def host(tree):
@@ -54,16 +51,19 @@ def test_one_device_equals_eight_devices(method):
         if sampled is None:
             prompts = prompt_sets.PromptSampler(prompt_sets.load("animal_names"), 0).sample(4)
             reward = rewards.combine({"jpeg_compressibility": 1.0})
-            sampled = host(trainer.sample_epoch(state, frozen, prompts, 0, reward, False))
+            sampled = host(epoch_lib.sample_and_reward(
+                trainer, state.params, frozen, prompts,
+                state_lib.epoch_key(state, 0, trainer.shardings.replicated), reward, 0, False))
             advantages = np.random.default_rng(0).normal(size=16).astype(np.float32)
-        epoch_data, info = trainer.prepare_epoch(state.params, ref, sampled, advantages, 0)
+        epoch_data, info = epoch_lib.score_transitions(trainer, state.params, ref, sampled,
+                                                       advantages, 0)
         # Re-scoring theta_old's own samples reproduces the sampler's log-probs up to float
         # rounding (the sampler and the scorer batch transitions differently).
         assert 0 <= info["logprob_resample_mismatch"] <= 1e-5
         # A step after theta moved, so the clip and the max are both active.
         params = jax.tree.map(lambda p: p * 1.02, state.params)
-        loss, grads, aux = trainer.minibatch_gradient(params, epoch_data, sampled["uncond"], 1)
-        new_params, _, _ = trainer._apply(params, state.opt_state, grads)
+        loss, grads, aux = epoch_lib.minibatch_gradient(trainer, params, epoch_data, sampled.uncond, 1)
+        new_params, _, _ = trainer.steps.apply(params, state.opt_state, grads)
         assert len(jax.tree.leaves(new_params)[0].sharding.device_set) == devices
         results[devices] = host(dict(loss=loss, grads=grads, params=new_params, aux=aux,
                                      old=epoch_data.log_probs_old, ref=epoch_data.log_probs_ref))
@@ -78,12 +78,12 @@ def test_one_device_equals_eight_devices(method):
 
 @pytest.mark.parametrize("method", ["prdp", "ddpo"])
 def test_resume_is_exact(tmp_path, method):
-    straight = train.train_and_evaluate(tiny_config(method, **{"train.epochs": 4}),
+    straight = loop.train_and_evaluate(tiny_config(method, **{"train.epochs": 4}),
                                         str(tmp_path / "straight"), log=lambda *a: None)
-    train.train_and_evaluate(tiny_config(method, **{"train.epochs": 2}), str(tmp_path / "resumed"),
+    loop.train_and_evaluate(tiny_config(method, **{"train.epochs": 2}), str(tmp_path / "resumed"),
                              log=lambda *a: None)
     logs = []
-    resumed = train.train_and_evaluate(tiny_config(method, **{"train.epochs": 4}),
+    resumed = loop.train_and_evaluate(tiny_config(method, **{"train.epochs": 4}),
                                        str(tmp_path / "resumed"), log=logs.append)
     assert any("resumed from" in line for line in logs)
     a, b = host(straight["state"]), host(resumed["state"])
@@ -103,8 +103,8 @@ def test_trainable_subset_is_adamw_on_that_subset_alone():
     params = {"block": {"attn1": {"kernel": normal(3, 3)},
                         "attn2": {"kernel": normal(3, 2), "bias": normal(2)}}}
     sub = lambda tree: {"attn2": tree["block"]["attn2"]}
-    masked = train.make_optimizer(config)
-    plain = train.make_optimizer(tiny_config(**{"train.max_grad_norm": 0.5}))
+    masked = state_lib.make_optimizer(config)
+    plain = state_lib.make_optimizer(tiny_config(**{"train.max_grad_norm": 0.5}))
     p, s = params, masked.init(params)
     q, t = sub(params), plain.init(sub(params))
     for _ in range(3):
@@ -118,17 +118,17 @@ def test_trainable_subset_is_adamw_on_that_subset_alone():
         np.testing.assert_allclose(x, y, rtol=1e-6)
     assert rel_err(sub(p), sub(params)) > 1e-3
     with pytest.raises(ConfigError, match="matches no UNet param"):
-        train.make_optimizer(tiny_config(**{"train.trainable": "lora"})).init(params)
+        state_lib.make_optimizer(tiny_config(**{"train.trainable": "lora"})).init(params)
 
 
 def test_trainable_subset_trains_checkpoints_and_resumes(tmp_path):
     """A run that finetunes only the cross-attention keeps every other UNet param at the base,
     through an Orbax save and restore of its partial optimiser state."""
     overrides = {"train.trainable": "attn2/to_(k|v)"}
-    train.train_and_evaluate(tiny_config(**{"train.epochs": 1, **overrides}), str(tmp_path),
+    loop.train_and_evaluate(tiny_config(**{"train.epochs": 1, **overrides}), str(tmp_path),
                              log=lambda *a: None)
     logs = []
-    out = train.train_and_evaluate(tiny_config(**{"train.epochs": 2, **overrides}), str(tmp_path),
+    out = loop.train_and_evaluate(tiny_config(**{"train.epochs": 2, **overrides}), str(tmp_path),
                                    log=logs.append)
     assert any("resumed from" in line for line in logs)
     mesh = sharding.mesh_from_config(tiny_config().mesh)
@@ -153,7 +153,7 @@ def test_offline_sampling_draws_from_the_reference(tmp_path):
     rows = {}
     for name, overrides in (("offline", {"train.sampling": "offline"}),
                             ("frozen", {"train.learning_rate": 0.0, "train.weight_decay": 0.0})):
-        out = train.train_and_evaluate(tiny_config(**{"train.epochs": 3, **overrides}),
+        out = loop.train_and_evaluate(tiny_config(**{"train.epochs": 3, **overrides}),
                                        str(tmp_path / name), log=lambda *a: None)
         rows[name] = [json.loads(l) for l in open(tmp_path / name / "metrics.jsonl")]
         rows[name + "_params"] = host(out["state"].params)
@@ -166,12 +166,12 @@ def test_offline_sampling_draws_from_the_reference(tmp_path):
 def test_bad_checkpoints_are_refused_with_one_line(tmp_path):
     config = tiny_config(**{"train.epochs": 1})
     workdir = tmp_path / "run"
-    train.train_and_evaluate(config, str(workdir), log=lambda *a: None)
+    loop.train_and_evaluate(config, str(workdir), log=lambda *a: None)
     ckpt = workdir / "checkpoints" / "1"
     # A model of another shape: the stored fingerprint disagrees.
     other = tiny_config(**{"train.epochs": 2, "model.unet.block_out_channels": (16, 16)})
     with pytest.raises(CheckpointError, match="different config.*block_out_channels"):
-        train.train_and_evaluate(other, str(workdir), log=lambda *a: None)
+        loop.train_and_evaluate(other, str(workdir), log=lambda *a: None)
     # Corrupted array data.
     for root, _, files in os.walk(ckpt / "state"):
         for f in files:
@@ -180,25 +180,25 @@ def test_bad_checkpoints_are_refused_with_one_line(tmp_path):
                 with open(path, "r+b") as fh:
                     fh.truncate(100)
     with pytest.raises(CheckpointError) as err:
-        train.train_and_evaluate(tiny_config(**{"train.epochs": 2}), str(workdir), log=lambda *a: None)
+        loop.train_and_evaluate(tiny_config(**{"train.epochs": 2}), str(workdir), log=lambda *a: None)
     assert "\n" not in str(err.value) and "checkpoint" in str(err.value)
     # Foreign content where checkpoints should be.
     shutil.rmtree(workdir / "checkpoints")
     os.makedirs(workdir / "checkpoints" / "not-ours")
     with pytest.raises(CheckpointError, match="no prdp-jax checkpoint"):
-        train.train_and_evaluate(config, str(workdir), log=lambda *a: None)
+        loop.train_and_evaluate(config, str(workdir), log=lambda *a: None)
 
 
 def test_unwritable_workdir_is_refused(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(ConfigError, match="cannot be written"):
-        train.train_and_evaluate(tiny_config(), str(blocker / "run"), log=lambda *a: None)
+        loop.train_and_evaluate(tiny_config(), str(blocker / "run"), log=lambda *a: None)
 
 
 def test_impossible_batches_are_refused():
     with pytest.raises(ConfigError, match="images_per_prompt must be >= 2"):
-        train.train_and_evaluate(tiny_config(**{"train.images_per_prompt": 1}), "/tmp/unused")
+        loop.train_and_evaluate(tiny_config(**{"train.images_per_prompt": 1}), "/tmp/unused")
     config = tiny_config(**{"mesh.devices": 8, "train.images_per_prompt": 3,
                             "train.prompts_per_epoch": 8, "train.prompts_per_minibatch": 4})
     with pytest.raises(ConfigError, match="not divisible by the 8 batch shards"):
@@ -210,7 +210,7 @@ def test_jpeg_reward_rises_in_a_short_run(tmp_path):
     config = load_config("jpeg_tiny")
     config.train.epochs = 6
     config.log.progress = False
-    out = train.train_and_evaluate(config, str(tmp_path), log=lambda *a: None)
+    out = loop.train_and_evaluate(config, str(tmp_path), log=lambda *a: None)
     rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
     first, last = rows[0], rows[-1]
     n = config.train.prompts_per_epoch * config.train.images_per_prompt

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import TINY_UNET, override, tiny_config
-from prdp_jax import train
+from prdp_jax.training import loop
 from prdp_jax.errors import PromptError
 from prdp_jax.text import WordTokenizer
 from prdp_jax.world import grammar, render
@@ -176,7 +176,7 @@ def test_pretraining_resumes_bitwise(tmp_path, tiny_base, monkeypatch):
 
 def test_pretrain_finetune_evaluate_smoke(tmp_path, tiny_base):
     logs = []
-    out = train.train_and_evaluate(tiny_world_config(tiny_base), str(tmp_path / "run"),
+    out = loop.train_and_evaluate(tiny_world_config(tiny_base), str(tmp_path / "run"),
                                    log=logs.append)
     assert any(f"pixel-space model from {tiny_base}" in line for line in logs)
     summary = json.load(open(tmp_path / "run" / "eval" / "summary.json"))
@@ -254,7 +254,7 @@ def test_captions_outside_the_grammar_stop_before_any_work(tmp_path, tiny_base):
     config = tiny_world_config(tiny_base, **{"eval.sets": (f"file:{captions}",)})
     with pytest.raises(PromptError, match=r"file:.*captions\.txt, prompt 2: caption 'a small red "
                                           r"square at the top on a black background'"):
-        train.train_and_evaluate(config, str(tmp_path / "run"), log=lambda *a: None)
+        loop.train_and_evaluate(config, str(tmp_path / "run"), log=lambda *a: None)
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
 
 

@@ -19,7 +19,7 @@ import os
 import sys
 import time
 
-from prdp_jax import metrics as metrics_lib
+from prdp_jax import files
 from prdp_jax import runtime
 from prdp_jax.errors import UserError
 from prdp_jax.experiments import findings as findings_lib
@@ -107,7 +107,7 @@ class Experiments:
                 scores[lr] = {n: c["eval"][n]["reward"][-1] for n in c["eval"]}
             chosen[method] = max(scores, key=lambda lr: scores[lr][report.LARGE])
             table[method] = {f"{lr:g}": s for lr, s in scores.items()}
-        metrics_lib.atomic_write_json(os.path.join(self.out, "lr_sweep.json"),
+        files.atomic_write_json(os.path.join(self.out, "lr_sweep.json"),
                                       {"grid": list(self.size.lr_grid), "final_rewards": table,
                                        "chosen": chosen, "selected_on": report.LARGE})
         self.log(f"lr_sweep: chosen {chosen}")
@@ -136,7 +136,7 @@ class Experiments:
                         labelled, runner.EVAL_SETS)
         if name == "beta":
             report.plot_beta(os.path.join(self.out, "beta_tradeoff.png"), summaries)
-        metrics_lib.atomic_write_json(os.path.join(self.out, f"{name}.json"), {
+        files.atomic_write_json(os.path.join(self.out, f"{name}.json"), {
             "finding": f.title, "paper": f.paper, "size": self.size.__dict__,
             "learning_rates": lrs, "held": held, "measured": measured, "rule": rule,
             "base_spread": spread,

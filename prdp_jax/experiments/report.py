@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from prdp_jax import metrics as metrics_lib
+from prdp_jax import files
 
 HELDOUT, LARGE, SMALL = "world_heldout", "world_large_sample", "world_small"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
@@ -150,7 +150,7 @@ def plot(path: str, title: str, curves: dict, sets: Sequence[str]) -> None:
     fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    metrics_lib.atomic_write_bytes(path, buf.getvalue())
+    files.atomic_write_bytes(path, buf.getvalue())
 
 
 def plot_beta(path: str, summaries: dict) -> None:
@@ -171,7 +171,7 @@ def plot_beta(path: str, summaries: dict) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)
-    metrics_lib.atomic_write_bytes(path, buf.getvalue())
+    files.atomic_write_bytes(path, buf.getvalue())
 
 
 def update_page(path: str, results_dir: str, order: Sequence[str]) -> None:
@@ -195,4 +195,4 @@ def update_page(path: str, results_dir: str, order: Sequence[str]) -> None:
         text = text.rstrip("\n") + f"\n\n{BEGIN}\n{END}\n"
     head, rest = text.split(BEGIN, 1)
     tail = rest.split(END, 1)[1]
-    metrics_lib.atomic_write_bytes(path, (head + table + tail).encode())
+    files.atomic_write_bytes(path, (head + table + tail).encode())

@@ -1,7 +1,7 @@
 """Runs experiment arms through the trainer and reads their learning curves back.
 
-A run is `train.train_and_evaluate` on the world config with an arm's overrides, a scale, a size
-and a seed, in its own work directory. A run that finished before (its eval/summary.json exists
+A run is `training.loop.train_and_evaluate` on the world config with an arm's overrides, a scale,
+a size and a seed, in its own work directory. A run that finished before (its eval/summary.json exists
 and its config.json matches) is read back instead of rerun; an interrupted one resumes from its
 checkpoint. Curves come from metrics.jsonl (one row per epoch, with the periodic evaluation) and
 eval/before.json (the base model, at zero reward queries).
@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import glob
 import hashlib
-import importlib.util
 import json
 import os
 import tempfile
@@ -34,10 +33,11 @@ from typing import Callable, Mapping
 
 import ml_collections
 
-from prdp_jax import metrics as metrics_lib
-from prdp_jax import train
+from prdp_jax import files
+from prdp_jax.training import loop
+from prdp_jax import config as config_lib
 from prdp_jax.config import to_json
-from prdp_jax.errors import ConfigError, UserError
+from prdp_jax.errors import UserError
 from prdp_jax.experiments.findings import Arm
 
 EVAL_SETS = ("world_small", "world_large_sample", "world_heldout")
@@ -82,27 +82,7 @@ SIZES = {
 
 def world_config(recipe: str) -> ml_collections.ConfigDict:
     """configs/world.py:<recipe> from the repository root."""
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-        os.path.abspath(__file__)))), "configs", "world.py")
-    spec = importlib.util.spec_from_file_location("world_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(recipe)
-
-
-def _walk(config: ml_collections.ConfigDict, parts) -> object:
-    node = config
-    for part in parts:
-        node = node[part]
-    return node
-
-
-def set_field(config: ml_collections.ConfigDict, dotted: str, value) -> None:
-    *parents, leaf = dotted.split(".")
-    node = _walk(config, parents)
-    if leaf not in node:
-        raise ConfigError(f"experiment override {dotted!r} is not a config field")
-    node[leaf] = value
+    return config_lib.load_named("world", recipe)
 
 
 def arm_key(size: Size, arm: Arm) -> str:
@@ -110,7 +90,7 @@ def arm_key(size: Size, arm: Arm) -> str:
     arm set to a config default (PRDP at the config's own beta) shares the runs of the plain arm."""
     base = world_config(size.recipe)
     changed = {k: v for k, v in arm.overrides.items()
-               if k == "method" or _walk(base, k.split(".")) != v}
+               if k == "method" or config_lib.get_field(base, k) != v}
     return Arm(arm.name, changed).key()
 
 
@@ -139,7 +119,7 @@ def run_config(size: Size, scale: str, arm: Arm, seed: int, learning_rates: Mapp
     c.seed = seed
     for k, v in arm.overrides.items():
         if k != "method":
-            set_field(c, k, v)
+            config_lib.set_field(c, k, v)
     return c
 
 
@@ -202,7 +182,7 @@ def reference(config: ml_collections.ConfigDict, reference_cache: str, log: Call
         before = evaluator.run_sets(pipe.unet_params(), None, pipe.frozen_params(), "before", tmp,
                                     show_progress=False, grids=False)
     os.makedirs(reference_cache, exist_ok=True)
-    metrics_lib.atomic_write_json(path, before)
+    files.atomic_write_json(path, before)
     return before
 
 
@@ -244,16 +224,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, log: Callable = print,
         if shared and os.path.exists(shared) and not os.path.exists(before):
             os.makedirs(os.path.dirname(before), exist_ok=True)
             with open(shared) as f:
-                metrics_lib.atomic_write_json(before, json.load(f))
-        train.train_and_evaluate(config, workdir, log=log)
+                files.atomic_write_json(before, json.load(f))
+        loop.train_and_evaluate(config, workdir, log=log)
     if shared and not os.path.exists(shared):
         os.makedirs(reference_cache, exist_ok=True)
         with open(before) as f:
-            metrics_lib.atomic_write_json(shared, json.load(f))
+            files.atomic_write_json(shared, json.load(f))
     out = curve(workdir, config)
     if record:
         os.makedirs(os.path.dirname(record), exist_ok=True)
-        metrics_lib.atomic_write_json(record, {"config": wanted, "curve": out})
+        files.atomic_write_json(record, {"config": wanted, "curve": out})
     return out
 
 

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from prdp_jax.errors import WeightsError
+from prdp_jax import files
 from prdp_jax.models import convert, weights
 from prdp_jax.models.text_encoder import ACTIVATIONS, Encoder, TextEncoder
 
@@ -210,7 +211,7 @@ def load_hf_clip(folder: str, *, vision: bool = True, text: bool = True,
         raise WeightsError(f"{folder}: no config.json; expected a transformers CLIP folder"
                            f"{f' (set {field})' if field else ''}")
     state_dict, source = weights.read_hf_folder(folder, field=field)
-    cfg = weights.read_json(os.path.join(folder, "config.json"), field=field)
+    cfg = files.read_json(os.path.join(folder, "config.json"), field=field)
     model = from_hf_config(cfg, vision=vision, text=text, source=os.path.join(folder, "config.json"))
     params = convert.state_dict_to_params(state_dict, model.abstract_params(), source=source)
     return model, params

@@ -28,6 +28,7 @@ import ml_dtypes
 import numpy as np
 
 from prdp_jax.errors import ConfigError, WeightsError
+from prdp_jax.files import read_json
 from prdp_jax.models.convert import rename_legacy_attention, state_dict_to_params, _to_numpy
 from prdp_jax.models.text_encoder import TextEncoder
 from prdp_jax.models.unet import UNet
@@ -76,20 +77,6 @@ _SCHEDULE_DEFAULTS = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=
 # ---------------------------------------------------------------------------------------------
 # Configs.
 # ---------------------------------------------------------------------------------------------
-
-def read_json(path: str) -> dict:
-    """A JSON object from disk, or WeightsError naming the file."""
-    if not os.path.isfile(path):
-        raise WeightsError(f"{path}: file not found")
-    try:
-        with open(path) as f:
-            value = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise WeightsError(f"{path}: not readable JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise WeightsError(f"{path}: expected a JSON object, found {type(value).__name__}")
-    return value
-
 
 def check_layout(root: str) -> dict:
     """Checks that `root` is a diffusers Stable Diffusion folder; returns model_index.json."""

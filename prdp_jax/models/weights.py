@@ -22,6 +22,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from prdp_jax.errors import WeightsError
+from prdp_jax.files import read_json
 
 TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -72,16 +73,6 @@ def read_hf_folder(folder: str, *, field: str = "") -> tuple[dict[str, Any], str
         return read_state_dict(path, field=field), path
     raise WeightsError(f"{folder}: no weights found (expected one of {', '.join(HF_WEIGHT_FILES)})"
                        f"{_where(field)}")
-
-
-def read_json(path: str, *, field: str = "") -> dict:
-    if not os.path.isfile(path):
-        raise WeightsError(f"{path} does not exist{_where(field)}")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise WeightsError(f"{path}: not readable JSON ({e}){_where(field)}") from None
 
 
 def unwrap_checkpoint(obj: Any, path: str) -> dict[str, Any]:

@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from prdp_jax.errors import WeightsError
-from prdp_jax.models import clip, weights
+from prdp_jax import files
+from prdp_jax.models import clip
 from prdp_jax.rewards import clip_tokenizer
 from prdp_jax.rewards.image_transform import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageTransform
 from prdp_jax.rewards.model_reward import FrozenParams, TextEmbeddings
@@ -32,7 +33,7 @@ def image_transform(folder: str, image_size: int) -> ImageTransform:
     path = os.path.join(folder, "preprocessor_config.json")
     if not os.path.isfile(path):
         return ImageTransform(size=image_size, crop=image_size)
-    cfg = weights.read_json(path)
+    cfg = files.read_json(path)
     for flag in ("do_resize", "do_center_crop", "do_rescale", "do_normalize"):
         if cfg.get(flag, True) is False:
             raise WeightsError(f"{path}: {flag}=false is not supported (the CLIP rewards resize, "

@@ -1,0 +1,88 @@
+"""Algorithm 1 of PRDP (Deng et al., CVPR 2024), and DDPO in the same loop.
+
+    theta <- theta_ref
+    for epoch in 1..E:
+        theta_old <- theta
+        sample N prompts; for each, sample B trajectories from pi_theta_old
+            (store x_t, x_{t-1}, t, log pi_theta_old and log pi_ref per step)
+        score all N*B images with the reward model
+        for k in 1..K:
+            L <- mean over prompts and their valid pairs of the clipped max loss
+            AdamW step on theta
+
+`train_epoch` is the body of the epoch loop; `loop.train_and_evaluate` runs it E times with
+checkpoints, metrics and evaluation around it.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Optional
+
+import jax
+import ml_collections
+import numpy as np
+
+from prdp_jax import ddpo
+from prdp_jax import rewards as rewards_lib
+from prdp_jax.progress import progress
+from prdp_jax.training.epoch import (EpochSamples, Setup, known_log_probs, minibatch_gradient,
+                                     reshuffle, sample_and_reward, score_transitions)
+from prdp_jax.training.state import TrainState, epoch_key
+
+
+def advantages_for(config: ml_collections.ConfigDict, tracker: Optional[ddpo.PerPromptStatTracker],
+                   prompts: list[str], rewards: np.ndarray) -> np.ndarray:
+    """[N*B] DDPO advantages of the rewards (zeros for PRDP, which regresses on rewards)."""
+    if config.method != "ddpo":
+        return np.zeros_like(rewards)
+    traj_prompts = [prompts[g // config.train.images_per_prompt] for g in range(rewards.size)]
+    if config.ddpo.normalization == "per_prompt":
+        adv = tracker.update(traj_prompts, rewards)
+    else:
+        adv = ddpo.batch_advantages(rewards)
+    return ddpo.clip_advantages(adv, config.ddpo.adv_clip_max)
+
+
+def train_epoch(setup: Setup, state: TrainState, frozen, ref_params, prompts: list[str],
+                epoch: int, reward_fn: rewards_lib.Reward,
+                tracker: Optional[ddpo.PerPromptStatTracker] = None, show_progress: bool = True,
+                stop_sampling: Optional[Callable[[], bool]] = None,
+                stop_updates: Optional[Callable[[], bool]] = None,
+                ) -> Optional[tuple[TrainState, EpochSamples, dict]]:
+    """One epoch of Algorithm 1 on the N `prompts`: (new state, the samples, metrics), or None
+    when a stop was asked for (the stop callables are polled after each sampler batch and each
+    optimiser step; an abandoned update leaves `state`'s buffers donated: resume from disk)."""
+    config, steps = setup.config, setup.steps
+    K, M = config.train.passes_per_epoch, setup.shape.minibatches
+    theta_old = state.params                                  # theta_old <- theta
+    offline = config.train.sampling == "offline"              # (offline RDP samples pi_ref)
+    # SAMPLING: B trajectories x_T..x_0 per prompt c from pi_theta_old (log pi_theta_old per
+    # step recorded), and the black-box reward r(x_0, c) of every image.
+    samples = sample_and_reward(setup, ref_params if offline else theta_old, frozen, prompts,
+                                epoch_key(state, epoch, setup.shardings.replicated), reward_fn,
+                                epoch, show_progress, stop_sampling)
+    if samples is None:
+        return None
+    advantages = advantages_for(config, tracker, prompts, samples.rewards)   # DDPO only
+    # log pi_theta_old(x_{t-1} | x_t, c) and log pi_ref(x_{t-1} | x_t, c) of every transition,
+    # in pass 1's shuffled minibatches of N/M prompts x B images.
+    data, info = score_transitions(setup, theta_old, ref_params, samples, advantages, epoch)
+    # TRAINING: K passes over the epoch's prompts, one AdamW step per minibatch.
+    t0 = time.perf_counter()
+    params, opt_state, records = theta_old, state.opt_state, []
+    for k, m in progress([(k, m) for k in range(K) for m in range(M)],
+                         desc=f"epoch {epoch + 1} update", leave=False, enabled=show_progress):
+        if k > 0 and m == 0:
+            data = reshuffle(setup, data, epoch, k)
+        # L(theta): the clipped max RDP loss (or DDPO's clipped surrogate) of minibatch m, and
+        # its exact gradient, tile by tile; at the epoch's first step theta = theta_old.
+        loss, grads, aux = minibatch_gradient(setup, params, data, samples.uncond, m,
+                                              known_log_probs(setup, data) if k == m == 0 else None)
+        params, opt_state, grad_norm = steps.apply(params, opt_state, grads)   # AdamW step
+        records.append(dict(loss=loss, grad_norm=grad_norm, **aux))
+        if stop_updates is not None and stop_updates():
+            return None
+    records = jax.device_get(records)
+    metrics = {k: float(np.mean([r[k] for r in records])) for k in records[0]}
+    metrics.update(info, update_time=time.perf_counter() - t0)
+    return state.replace(params=params, opt_state=opt_state), samples, metrics

@@ -1,0 +1,269 @@
+"""`train_and_evaluate`: Algorithm 1's epochs with checkpoints, metrics, grids and evaluation.
+
+Start-up follows the same order on every run: check the config, prompts and evaluation sets;
+build the pipeline and the steps; restore the latest checkpoint (or initialise); compile the steps
+ahead of time; evaluate the reference once. Then E epochs of `algorithm.train_epoch`, each
+followed by its metrics row, a sample grid every few epochs and a checkpoint; then the final
+evaluation against the reference. SIGTERM stops the run at the next safe point with its progress
+saved (`Bookkeeping`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Optional
+
+import jax
+import ml_collections
+import numpy as np
+
+from prdp_jax import checkpoint as ckpt_lib
+from prdp_jax import config as config_lib
+from prdp_jax import ddpo, evaluate, files, metrics as metrics_lib, pipeline as pipeline_lib
+from prdp_jax import prompts as prompt_sets
+from prdp_jax import preemption, rewards as rewards_lib, sharding
+from prdp_jax.errors import ConfigError
+from prdp_jax.progress import progress
+from prdp_jax.training.algorithm import train_epoch
+from prdp_jax.training.epoch import EpochSamples, Setup, compile_setup, make_setup
+from prdp_jax.training.state import TrainState, trainable_count
+
+
+@dataclasses.dataclass
+class Bookkeeping:
+    """Which epoch is on disk, and what a stop may abandon.
+
+    An epoch's updates may be abandoned on a stop only if the state at its start is saved;
+    otherwise the epoch finishes and is saved. A stop before an epoch's updates saves that
+    epoch's start (unless it is already on disk or no epoch has run).
+    """
+
+    checkpointer: ckpt_lib.Checkpointer
+    saved: Optional[int]          # the last epoch whose state is on disk (None: none)
+
+    def may_abandon_updates(self, epoch: int) -> bool:
+        return self.saved == epoch
+
+    def save(self, done: int, state: TrainState, meta: dict) -> None:
+        self.checkpointer.save(done, state, meta)
+        self.saved = done
+
+    def save_stopped(self, epoch: int, state: TrainState, meta: dict) -> None:
+        """After a stop before `epoch`'s updates: `state` still holds `epoch` done epochs."""
+        if epoch > 0 and self.saved != epoch:
+            self.save(epoch, state, meta)
+
+    def preempted(self, epoch: int) -> preemption.Preempted:
+        where = (f"the checkpoint of epoch {self.saved} is in {self.checkpointer.directory}"
+                 if self.saved else "no epoch had finished")
+        return preemption.Preempted(f"stopped by SIGTERM in epoch {epoch + 1}; {where}; rerun "
+                                    f"the same command to resume")
+
+
+def prepare_workdir(workdir: str) -> str:
+    """The absolute workdir, created and checked writable."""
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, f".write-probe-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"workdir {workdir} cannot be written ({e.strerror}); "
+                          f"pass a writable --workdir") from None
+    return workdir
+
+
+def summary(setup: Setup) -> list[str]:
+    """The run's shape in a few lines (printed at start)."""
+    c, t, shape = setup.config, setup.config.train, setup.shape
+    B, N, T = shape.images_per_prompt, shape.prompts, setup.num_steps
+    pairs = B * (B - 1) // 2
+    abstract = setup.pipe.abstract_unet_params
+    n_params = trainable_count("", abstract)
+    til = setup.ctx.tiling
+    trainable = (f", finetuning {trainable_count(t.trainable, abstract) / 1e6:.3f}M "
+                 f"(train.trainable={t.trainable!r})" if t.trainable else "")
+    lines = [
+        f"{c.method.upper()} | {len(setup.mesh.devices.flat)} device(s), mesh "
+        + " ".join(f"{k}={v}" for k, v in setup.mesh.shape.items())
+        + f" | {jax.process_count()} process(es) | UNet {n_params / 1e6:.2f}M params" + trainable,
+        f"epoch: {N} prompts x {B} images = {shape.trajectories} trajectories x {T} steps = "
+        f"{shape.trajectories * T:,} transitions"
+        + (" (+ a deterministic last step)" if setup.ctx.coeffs.final else "")
+        + f", sampled in batches of {shape.sample_batch}",
+        f"updates: {t.passes_per_epoch} pass(es) x {shape.minibatches} minibatch(es) of "
+        f"{t.prompts_per_minibatch} prompts = {t.passes_per_epoch * shape.minibatches} "
+        f"optimizer steps per epoch",
+    ]
+    if c.method == "prdp":
+        lines.append(f"pairs: up to {pairs} per prompt, {pairs * N:,} per epoch "
+                     f"(those with a positive reward difference count); beta={c.prdp.beta:g}, "
+                     f"clip eps={c.prdp.clip_eps:g}")
+    else:
+        lines.append(f"ddpo: clip range {c.ddpo.clip_range:g}, {c.ddpo.normalization} "
+                     f"normalisation, advantages clipped to +-{c.ddpo.adv_clip_max:g}")
+    lines.append(f"gradient tiles: {til.trajectories} trajectories x {til.steps_per_tile} steps "
+                 f"= {til.trajectories * til.steps_per_tile} transitions, {til.num_tiles} per "
+                 f"minibatch")
+    return lines
+
+
+def epoch_metrics(samples: EpochSamples, updates: dict, tracker, seconds: float) -> dict:
+    """The metrics row of one epoch: rewards (and their parts), update stats, timings."""
+    rewards = samples.rewards
+    row = dict(reward_mean=float(rewards.mean()), reward_std=float(rewards.std()),
+               **{f"reward/{k}": float(np.mean(v))
+                  for k, v in samples.reward_info.items() if np.ndim(v) == 1},
+               **updates, sample_time=samples.sample_time, reward_time=samples.reward_time,
+               epoch_time=seconds)
+    if tracker is not None:
+        row.update({f"ddpo/{k}": v for k, v in tracker.stats().items()})
+    return row
+
+
+def save_sample_grid(workdir: str, epoch: int, samples: EpochSamples, config) -> None:
+    """samples/epoch_<e>.png: the leading prompts' images with their rewards."""
+    if samples.grid_images is None:
+        return
+    metrics_lib.save_reward_grid(
+        os.path.join(workdir, "samples", f"epoch_{epoch:05d}.png"), samples.grid_images,
+        samples.prompts, samples.rewards, per_prompt=config.train.images_per_prompt,
+        rows=config.log.grid_prompts, columns=config.log.grid_images)
+
+
+def write_summary(workdir: str, config, before: dict, after: dict, say) -> None:
+    """Prints the before/after tables; writes eval/summary.json and the before/after grids."""
+    lines = evaluate.table(before, after)
+    components = evaluate.component_table(before, after)
+    for line in components + lines:
+        say(line)
+    if jax.process_index() != 0:
+        return
+    files.atomic_write_json(os.path.join(workdir, "eval", "summary.json"),
+                            {"before": before, "after": after, "table": lines,
+                             "components": components, "epochs": config.train.epochs,
+                             "method": config.method})
+    for name in config.eval.sets:
+        grid = lambda label: os.path.join(workdir, "eval", f"{label}_{prompt_sets.slug(name)}.png")
+        if os.path.exists(grid("before")) and os.path.exists(grid("after")):
+            evaluate.side_by_side(grid("before"), grid("after"), grid("before_after"))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=print,
+                       stop: Optional[preemption.StopSignal] = None) -> dict:
+    """Trains (resuming from workdir's latest checkpoint if any) and returns the last metrics.
+
+    `stop` records SIGTERM; a caller that installs it before startup (`main`) makes a SIGTERM
+    during setup or compilation stop the run cleanly too. Without one, it is installed here, for
+    the epochs only.
+    """
+    config_lib.validate(config)
+    workdir = prepare_workdir(workdir)
+    is_main = jax.process_index() == 0
+    say = log if is_main else (lambda *a, **k: None)
+    show = bool(config.log.progress) and is_main
+    mesh = sharding.mesh_from_config(config.mesh)
+    reward_fn = rewards_lib.combine(dict(config.reward.weights), config)
+    train_prompts = prompt_sets.load(config.prompts.train, config)
+    pipe = pipeline_lib.build(config, mesh, log=say)
+    pipe.check_prompts(train_prompts, f"prompts.train={config.prompts.train}")
+    for name in config.eval.sets:
+        evaluate.load_eval_set(config, pipe, name)
+    setup = make_setup(config, pipe, mesh)
+    for line in summary(setup):
+        say(line)
+
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                         config.checkpoint.max_to_keep,
+                                         config_lib.fingerprint(config))
+    frozen, ref_params = pipe.frozen_params(), pipe.unet_params()
+    prompt_sampler = prompt_sets.PromptSampler(train_prompts, config.seed)
+    tracker = (ddpo.PerPromptStatTracker(config.ddpo.buffer_size, config.ddpo.min_count)
+               if config.method == "ddpo" else None)
+    writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+    start = checkpointer.latest_epoch()
+    book = Bookkeeping(checkpointer, saved=start)
+    if start is None:
+        state, start = setup.init_state(pipe.unet_params()), 0
+    else:
+        state, meta = checkpointer.restore(start, setup.abstract_state())
+        prompt_sampler.position = int(meta["prompt_position"])
+        if tracker is not None:
+            tracker.load_state_dict(meta["stat_tracker"])
+        writer.truncate_after(start)
+        say(f"resumed from {checkpointer.directory}/{start} (epoch {start} done)")
+    if is_main:
+        files.atomic_write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    setup, _ = compile_setup(setup, frozen, log=say)
+    evaluator = evaluate.Evaluator(config, pipe, mesh, reward_fn) if config.eval.sets else None
+    before = after = None  # after: the final evaluation, if the last epoch's periodic one made it
+    if evaluator is not None:
+        before = files.read_json(os.path.join(workdir, "eval", "before.json"), missing_ok=True)
+        if before is None:
+            say("evaluating the reference (before finetuning)")
+            before = evaluator.run_sets(ref_params, None, frozen, "before", workdir, show)
+        for line in evaluate.table(before):
+            say(line)
+
+    last = {}
+    own_stop = stop is None
+    stop = preemption.StopSignal() if own_stop else stop
+    checkpoint_meta = lambda: {
+        "prompt_position": prompt_sampler.position,
+        "stat_tracker": tracker.state_dict() if tracker is not None else None}
+    epoch, stopped = start, False
+    try:
+        for epoch in progress(range(start, config.train.epochs), desc="epochs", initial=start,
+                              total=config.train.epochs, enabled=show):
+            meta = checkpoint_meta()  # matches `state` (epoch done) until the updates start
+            if stop.requested():
+                stopped = True
+                break
+            t0 = time.perf_counter()
+            prompts = prompt_sampler.sample(config.train.prompts_per_epoch)
+            result = train_epoch(
+                setup, state, frozen, ref_params, prompts, epoch, reward_fn, tracker, show,
+                stop_sampling=stop.requested,
+                stop_updates=stop.requested if book.may_abandon_updates(epoch) else None)
+            if result is None:
+                stopped = True
+                break
+            state, samples, updates = result
+            done = epoch + 1
+            last = epoch_metrics(samples, updates, tracker, time.perf_counter() - t0)
+            every = config.eval.every_epochs
+            if evaluator is not None and every and done % every == 0:
+                final = done == config.train.epochs
+                after = evaluator.run_sets(state.params, ref_params, frozen,
+                                           "after" if final else f"epoch_{done:05d}", workdir,
+                                           show, grids=final)
+                last.update(evaluate.flatten(after))
+            writer.write(done, last)
+            say(f"epoch {done}/{config.train.epochs} | reward {last['reward_mean']:.4f} "
+                f"+- {last['reward_std']:.4f} | loss {last['loss']:.4g} "
+                f"| clip {last['clip_frac']:.3f} | drift {last['drift']:.3g} "
+                f"| {last['epoch_time']:.1f}s")
+            if done % config.log.grid_every_epochs == 0 or epoch == 0:
+                save_sample_grid(workdir, done, samples, config)
+            if done % config.checkpoint.every_epochs == 0 or done == config.train.epochs:
+                book.save(done, state, checkpoint_meta())
+        if stopped:
+            book.save_stopped(epoch, state, meta)
+    finally:
+        if own_stop:
+            stop.close()
+        checkpointer.close()
+        writer.close()
+    if stopped:
+        raise book.preempted(epoch)
+    result = {"metrics": last, "state": state, "setup": setup}
+    if evaluator is not None:
+        if after is None:
+            say("evaluating the finetuned model")
+            after = evaluator.run_sets(state.params, ref_params, frozen, "after", workdir, show)
+        write_summary(workdir, config, before, after, say)
+        result.update(before=before, after=after)
+    return result
