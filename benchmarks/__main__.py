@@ -72,7 +72,7 @@ def machine() -> dict:
 def use_all_cores(size) -> None:
     """As the trainer does on a CPU host (runtime.configure_cpu_devices): one JAX device per core
     (at most; the count divides every batch), so our side uses every core as torch's threads do."""
-    from prdp_jax import runtime
+    from prdp_jax.infra import runtime
     if "XLA_FLAGS" in os.environ and runtime.DEVICE_COUNT_FLAG in os.environ["XLA_FLAGS"]:
         return
     if not runtime.cpu_only():
@@ -356,7 +356,7 @@ def main(argv=None) -> int:
     if os.path.exists(notes_path):
         with open(notes_path) as f:
             result["notes"] = [line.rstrip("\n") for line in f]
-    from prdp_jax.files import atomic_write_bytes
+    from prdp_jax.infra.files import atomic_write_bytes
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     atomic_write_bytes(out + ".json", (json.dumps(result, indent=1) + "\n").encode())
     atomic_write_bytes(out + ".md", markdown(result).encode())

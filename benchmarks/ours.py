@@ -18,8 +18,8 @@ import numpy as np
 
 from benchmarks.cases import Case
 from prdp_jax import config as config_lib
-from prdp_jax import pipeline as pipeline_lib
-from prdp_jax import sharding
+from prdp_jax.infra import sharding
+from prdp_jax.pipelines import base as pipeline_lib
 from prdp_jax.training import epoch as epoch_lib
 
 
@@ -182,8 +182,8 @@ def read_status_kib(field: str) -> int:
 def update_memory(setup: Setup, stats: dict) -> dict:
     """Peak resident memory of one optimiser step of a compiled Setup (`stats`: its compile
     stats), beyond what was resident before it: the stored trajectories are already there."""
-    case, num_steps = setup.case, setup.trainer.num_steps
-    minibatch = setup.trainer.mb_traj
+    case, num_steps = setup.case, setup.training.num_steps
+    minibatch = setup.training.shape.minibatch_trajectories
     step = setup.update_fn()
     before = read_status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:

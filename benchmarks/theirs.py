@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from benchmarks.cases import Case
-from prdp_jax import diffusion
+from prdp_jax.core import diffusion
 from prdp_jax.models.convert import params_to_state_dict
 
 
@@ -86,7 +86,7 @@ class Policy:
 
 
 def rdp_loss(log_probs, old, ref, rewards, images: int, beta: float, eps: float):
-    """The PRDP loss (mean over steps), as `prdp_jax.rdp.rdp_loss` defines it."""
+    """The PRDP loss (mean over steps), as `prdp_jax.core.rdp.rdp_loss` defines it."""
     ratio, ratio_old = log_probs - ref, old - ref
     clipped = torch.maximum(torch.minimum(ratio, ratio_old + eps), ratio_old - eps)
     groups = lambda v: v.view(-1, images)

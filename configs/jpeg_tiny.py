@@ -5,7 +5,7 @@ its 16x16 samples JPEG-compressible. Recipes: 'prdp' (default) and 'ddpo' (same 
     python -m prdp_jax.main --config configs/jpeg_tiny.py:ddpo       # DDPO baseline
 """
 from prdp_jax.config import base_config
-from prdp_jax.errors import ConfigError
+from prdp_jax.infra.errors import ConfigError
 
 RECIPES = ("prdp", "ddpo")
 

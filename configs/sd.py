@@ -17,7 +17,7 @@ Any other beta: `--config.prdp.beta=...` on any recipe.
 """
 
 from prdp_jax.config import base_config
-from prdp_jax.errors import ConfigError
+from prdp_jax.infra.errors import ConfigError
 
 # Rough, unmeasured estimates (UNet forward-equivalents per epoch x ~2 ms per bf16 SD 1.x forward
 # at 512 px on an H100): sampling 51k, re-scoring 102k, each update pass ~205k.

@@ -15,7 +15,7 @@ The `model.unet`, `model.text_encoder`, `schedule` and `pretrain` fields describ
 base folder itself (`world.base_dir`).
 """
 from prdp_jax.config import base_config
-from prdp_jax.errors import ConfigError
+from prdp_jax.infra.errors import ConfigError
 from prdp_jax.world.config import add_world_sections
 
 RECIPES = ("prdp", "ddpo", "tiny")

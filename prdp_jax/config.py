@@ -14,7 +14,7 @@ import types
 
 import ml_collections
 
-from prdp_jax.errors import ConfigError
+from prdp_jax.infra.errors import ConfigError
 
 METHODS = ("prdp", "ddpo")
 SAMPLING = ("online", "offline")
@@ -102,7 +102,7 @@ def base_config() -> ml_collections.ConfigDict:
     # ---- Prompts ----
     c.prompts = ml_collections.ConfigDict()
     c.prompts.train = "animals"     # Prompt set for training: a registered name (prdp_jax.prompts),
-                                    # a file preset below, or "file:PATH[#FIELD]" (prompt_files.py).
+                                    # a file preset below, or "file:PATH[#FIELD]" (prompts/files.py).
     c.prompts.field = ""            # Key/column of the prompt in "file:PATH" sets without "#FIELD".
     c.prompts.files = ml_collections.ConfigDict(dict(  # Paths of downloaded prompt files, per preset.
         hpdv2_train="",             # HPDv2 train.json (list of {prompt, ...}); also hpdv2_train_seen500.
@@ -197,7 +197,7 @@ def base_config() -> ml_collections.ConfigDict:
                                     # core) that divide every batch, with the default mesh; 1 = one
                                     # device. XLA_FLAGS' --xla_force_host_platform_device_count wins.
 
-    # ---- Multi-process runtime (one process per host; prdp_jax/runtime.py) ----
+    # ---- Multi-process runtime (one process per host; prdp_jax/infra/runtime.py) ----
     c.distributed = ml_collections.ConfigDict()
     c.distributed.mode = "auto"     # "auto": join a multi-process job when the environment names
                                     # one (JAX_COORDINATOR_ADDRESS, SLURM, Open MPI, Cloud TPU pod);

@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from prdp_jax import files
-from prdp_jax.errors import CheckpointError, ConfigError, UserError
+from prdp_jax.infra import files
+from prdp_jax.infra.errors import CheckpointError, ConfigError, UserError
 
 UNET_DIR = "unet"
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -44,8 +44,8 @@ def unet_module(config: ml_collections.ConfigDict):
         folder = diffusers_folder.open_folder(config.model.path, variant=config.model.variant)
         source = files.read_json(os.path.join(folder.component(UNET_DIR), "config.json"))
         return folder.unet, source
-    from prdp_jax import pipeline
-    return pipeline.unet_from_config(config).clone(dtype=jnp.float32, remat=False), None
+    from prdp_jax.pipelines import base
+    return base.unet_from_config(config).clone(dtype=jnp.float32, remat=False), None
 
 
 def diffusers_unet_config(unet) -> dict:
@@ -92,9 +92,9 @@ def restore_unet_params(workdir: str, epoch: Optional[int] = None) -> tuple[Any,
     Returns:
       (params as numpy arrays, the epoch, the UNet module, the source unet config or None).
     """
-    from prdp_jax import checkpoint as ckpt_lib
     from prdp_jax import config as config_lib
-    from prdp_jax import sharding
+    from prdp_jax.infra import sharding
+    from prdp_jax.training import checkpoint as ckpt_lib
     from prdp_jax.training import state as train
     config = read_run_config(workdir)
     directory = os.path.join(workdir, "checkpoints")

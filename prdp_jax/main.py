@@ -41,7 +41,7 @@ def one_line(e: BaseException) -> str:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    from prdp_jax.errors import UserError
+    from prdp_jax.infra.errors import UserError
     try:
         rest = FLAGS(argv)
     except UserError as e:
@@ -70,9 +70,10 @@ def main(argv) -> None:
     if len(argv) > 1:
         fail(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.WARNING)  # JAX's backend probing is INFO-level noise here.
-    from prdp_jax import preemption, runtime
+    from prdp_jax.infra import runtime
+    from prdp_jax.infra.errors import UserError
+    from prdp_jax.training import preemption
     from prdp_jax.training.loop import train_and_evaluate
-    from prdp_jax.errors import UserError
     stop = preemption.StopSignal(received=bool(_early_sigterm))  # SIGTERM: stop at a safe point
     try:
         runtime.setup(FLAGS.config)

@@ -108,12 +108,12 @@ class _Tokenizer:
 def abstract_pipeline(config, mesh):
     """SD 1.4's Pipeline with abstract (sharded ShapeDtypeStruct) params: no weights, no memory."""
     import jax
-    from prdp_jax import sharding
+    from prdp_jax.infra import sharding
     from prdp_jax.models import diffusers_folder
     from prdp_jax.models.text_encoder import TextEncoder
     from prdp_jax.models.unet import UNet
     from prdp_jax.models.vae import AutoencoderKL
-    from prdp_jax.pipeline import DTYPES, Pipeline
+    from prdp_jax.pipelines.base import DTYPES, Pipeline
     m = config.model
     kw = dict(dtype=DTYPES[m.dtype], param_dtype=DTYPES[m.param_dtype])
     unet = UNet(**diffusers_folder.unet_fields(SD14_UNET), remat=bool(m.remat),
@@ -168,7 +168,7 @@ def measure(scale: str, devices: int, layout: str) -> dict:
     """Compiles one configuration (in this process, which must have `devices` devices)."""
     import jax
     import jax.numpy as jnp
-    from prdp_jax import sharding
+    from prdp_jax.infra import sharding
     from prdp_jax.training import epoch as epoch_lib
     config = sd_config(scale, devices, layout)
     mesh = sharding.mesh_from_config(config.mesh)
@@ -319,7 +319,7 @@ def main(argv=None) -> int:
 
 
 def _write(out: str, rows: list) -> None:
-    from prdp_jax.files import atomic_write_bytes
+    from prdp_jax.infra.files import atomic_write_bytes
     order = lambda r: (list(SCALES).index(r["scale"]), r["devices"], LAYOUTS.index(r["layout"]))
     rows = sorted(rows, key=order)
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)

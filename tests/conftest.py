@@ -9,7 +9,8 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 from prdp_jax import config as config_lib  # noqa: E402
-from prdp_jax import runtime  # noqa: E402
+from prdp_jax import plugins  # noqa: E402,F401  (registers the built-in plugins, as entry points do)
+from prdp_jax.infra import runtime  # noqa: E402
 
 CACHE = os.path.expanduser(os.environ.get("PRDP_TEST_XLA_CACHE", "~/.cache/prdp_jax/pytest-xla"))
 runtime.enable_compilation_cache(CACHE)

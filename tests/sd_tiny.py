@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-from prdp_jax.prompts import ANIMALS
+from prdp_jax.prompts.registry import ANIMALS
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz0123456789,.!'"
 WORDS = sorted({w for a in ANIMALS for w in ("a", "painting", "of", "photo", a)})

@@ -9,9 +9,9 @@ import numpy as np
 import torch
 
 from benchmarks import cases, ours, theirs
-from prdp_jax import rdp
-from prdp_jax.training import epoch as epoch_lib
+from prdp_jax.core import rdp
 from prdp_jax.models.convert import params_to_state_dict
+from prdp_jax.training import epoch as epoch_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

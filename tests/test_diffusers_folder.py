@@ -12,10 +12,10 @@ import pytest
 
 import sd_tiny
 from conftest import tiny_config, override
-from prdp_jax import pipeline as pipeline_lib
-from prdp_jax import sharding
-from prdp_jax.errors import ConfigError, WeightsError
+from prdp_jax.infra import sharding
+from prdp_jax.infra.errors import ConfigError, WeightsError
 from prdp_jax.models import diffusers_folder
+from prdp_jax.pipelines.factory import build_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +141,7 @@ def test_pipeline_weights_and_decode_are_sharded(pristine):
     config = sd_config(pristine, **{"mesh.devices": 8, "mesh.data": 2, "mesh.fsdp": 4,
                                     "mesh.fsdp_min_size": 256})
     mesh = sharding.mesh_from_config(config.mesh)
-    pipe = pipeline_lib.build(config, mesh, log=lambda *a: None)
+    pipe = build_pipeline(config, mesh, log=lambda *a: None)
     assert pipe.latent_shape == (8, 8, 4) and pipe.tokenizer.max_length == 77
     assert config.schedule.steps_offset == 1   # from scheduler/scheduler_config.json
     params, frozen = pipe.unet_params(), pipe.frozen_params()
@@ -154,6 +154,6 @@ def test_pipeline_weights_and_decode_are_sharded(pristine):
     assert sharded.shape == (8, 16, 16, 3)
     np.testing.assert_allclose(np.asarray(sharded), np.asarray(plain), atol=1e-5)
     with pytest.raises(ConfigError, match="model.resolution=18 must be a multiple of 4"):
-        pipeline_lib.build(sd_config(pristine, **{"model.resolution": 18}), mesh)
+        build_pipeline(sd_config(pristine, **{"model.resolution": 18}), mesh)
     with pytest.raises(ConfigError, match="needs model.path"):
-        pipeline_lib.build(sd_config(""), mesh)
+        build_pipeline(sd_config(""), mesh)

@@ -9,8 +9,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from prdp_jax import diffusion
-from prdp_jax.errors import ConfigError
+from prdp_jax.core import diffusion
+from prdp_jax.infra.errors import ConfigError
 
 SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
           set_alpha_to_one=False, clip_sample=False)

@@ -75,8 +75,8 @@ def test_results_page_keeps_every_finished_finding_and_the_prose(tmp_path):
 
 
 def test_a_recorded_run_is_read_back_only_while_its_config_matches(tmp_path, monkeypatch):
-    from prdp_jax.training import loop as train
     from prdp_jax.experiments import findings, runner
+    from prdp_jax.training import loop as train
     size = runner.SIZES["quick"]
     config = runner.run_config(size, "small", findings.Arm("PRDP", {"method": "prdp"}), 0, {})
     record = tmp_path / "results" / "runs" / "seed0.json"
@@ -150,9 +150,9 @@ def test_clipping_holds_only_where_removing_the_clip_costs_reward_at_both_scales
 
 
 def test_new_runs_from_a_different_base_are_refused_before_training(tmp_path, monkeypatch):
-    from prdp_jax.training import loop as train
-    from prdp_jax.errors import UserError
     from prdp_jax.experiments import __main__ as ex_main, findings, runner
+    from prdp_jax.infra.errors import UserError
+    from prdp_jax.training import loop as train
     size = runner.SIZES["quick"]
     ex = ex_main.Experiments(size, str(tmp_path / "results"), str(tmp_path / "runs"), quick=True,
                              log=lambda *a: None)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from prdp_jax.errors import WeightsError
+from prdp_jax.infra.errors import WeightsError
 from prdp_jax.models.convert import params_to_state_dict, state_dict_to_params
 from prdp_jax.models.text_encoder import TextEncoder
 from prdp_jax.models.unet import UNet
@@ -106,7 +106,7 @@ def test_converter_names_missing_key_and_bad_shape():
 def test_attention_kernels_match_dot_product_attention(dtype, chunk):
     """The CPU matmul attention (its hand-written backward too) and query chunking give
     jax.nn.dot_product_attention's values and gradients."""
-    from prdp_jax.models.unet import chunked_attention, matmul_attention
+    from prdp_jax.models.attention import chunked_attention, matmul_attention
     rng = np.random.default_rng(0)
     q = jnp.asarray(rng.normal(size=(2, 16, 2, 8)), dtype)
     k, v = (jnp.asarray(rng.normal(size=(2, 5, 2, 8)), dtype) for _ in range(2))

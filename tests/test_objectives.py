@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from prdp_jax import ddpo, rdp
+from prdp_jax.core import ddpo
+from prdp_jax.core import rdp
 
 
 def naive_rdp(lp, lp_old, lp_ref, rewards, B, beta, eps, reduction):

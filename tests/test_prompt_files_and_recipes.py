@@ -10,9 +10,10 @@ import pytest
 
 from conftest import tiny_config
 from prdp_jax import config as config_lib
-from prdp_jax import evaluate, prompt_files
-from prdp_jax import prompts as prompt_sets
-from prdp_jax.errors import ConfigError, PromptError
+from prdp_jax.infra.errors import ConfigError, PromptError
+from prdp_jax.prompts import files
+from prdp_jax.prompts import sets as prompt_sets
+from prdp_jax.training import evaluation
 from test_train import load_config
 
 
@@ -36,13 +37,13 @@ def test_every_format_reads(tmp_path):
     write(tmp_path / "one.csv", "text\na cat\na dog\n")
     pq.write_table(pa.table({"caption": ["a cat", "a dog"], "jpg_0": [b"\xff\xd8", b"\xff\xd8"]}),
                    tmp_path / "p.parquet")
-    assert prompt_files.read_prompts(txt) == ["a cat", "a dog"]
-    assert prompt_files.read_prompts(jsonl, "prompt") == ["a cat", "a dog"]
-    assert prompt_files.read_prompts(strings) == ["a cat", "a dog"]
-    assert prompt_files.read_prompts(js) == ["a cat", "a dog"]
-    assert prompt_files.read_prompts(str(tmp_path / "p.csv"), "caption") == ["a cat", "a dog, running"]
-    assert prompt_files.read_prompts(str(tmp_path / "one.csv")) == ["a cat", "a dog"]
-    assert prompt_files.read_prompts(str(tmp_path / "p.parquet"), "caption") == ["a cat", "a dog"]
+    assert files.read_prompts(txt) == ["a cat", "a dog"]
+    assert files.read_prompts(jsonl, "prompt") == ["a cat", "a dog"]
+    assert files.read_prompts(strings) == ["a cat", "a dog"]
+    assert files.read_prompts(js) == ["a cat", "a dog"]
+    assert files.read_prompts(str(tmp_path / "p.csv"), "caption") == ["a cat", "a dog, running"]
+    assert files.read_prompts(str(tmp_path / "one.csv")) == ["a cat", "a dog"]
+    assert files.read_prompts(str(tmp_path / "p.parquet"), "caption") == ["a cat", "a dog"]
     # file: specs, with #FIELD or prompts.field
     config = tiny_config()
     assert prompt_sets.load(f"file:{tmp_path / 'p.csv'}#caption", config)[1] == "a dog, running"
@@ -84,7 +85,7 @@ def test_presets_read_the_published_layouts(tmp_path):
     # As evaluation sets: Evaluator.run_sets loads each by name and files results by a safe label.
     seen_runs = []
 
-    class Recorder(evaluate.Evaluator):
+    class Recorder(evaluation.Evaluator):
         def __init__(self, config):
             self.config = config
 
@@ -109,22 +110,22 @@ def test_prompt_file_errors_are_one_clear_line(tmp_path, monkeypatch):
         prompt_sets.load(f"file:{tmp_path / 'nope.json'}", config)
     objs = write(tmp_path / "o.json", json.dumps([{"caption": "a"}]))
     with pytest.raises(PromptError, match=r"o.json item 0: no key 'prompt'; keys: \['caption'\]"):
-        prompt_files.read_prompts(objs, "prompt")
+        files.read_prompts(objs, "prompt")
     with pytest.raises(PromptError, match="an object; name its prompt key"):
-        prompt_files.read_prompts(objs)
+        files.read_prompts(objs)
     bad = write(tmp_path / "b.jsonl", '"a"\n{oops\n')
     with pytest.raises(PromptError, match="b.jsonl line 2: not JSON"):
-        prompt_files.read_prompts(bad)
+        files.read_prompts(bad)
     with pytest.raises(PromptError, match="holds no prompts"):
-        prompt_files.read_prompts(write(tmp_path / "e.txt", "\n \n"))
+        files.read_prompts(write(tmp_path / "e.txt", "\n \n"))
     with pytest.raises(ConfigError, match="unknown format"):
-        prompt_files.read_prompts(write(tmp_path / "x.xlsx", "a"))
+        files.read_prompts(write(tmp_path / "x.xlsx", "a"))
     with pytest.raises(ConfigError, match="unknown prompt set 'nope'.*file:PATH"):
         prompt_sets.load("nope", config)
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     monkeypatch.setitem(sys.modules, "pyarrow", None)
     with pytest.raises(ConfigError, match=r"reading parquet prompt files needs pyarrow"):
-        prompt_files.read_prompts(write(tmp_path / "p.parquet", "not parquet"), "caption")
+        files.read_prompts(write(tmp_path / "p.parquet", "not parquet"), "caption")
 
 
 REWARD_NAMES = {"aesthetic", "pickscore", "hpsv2", "clipscore"}

@@ -31,10 +31,11 @@ import pytest
 import torch
 from scipy import ndimage
 
-from prdp_jax import rewards, sharding
-from prdp_jax.errors import ConfigError, UserError, WeightsError
+from prdp_jax.infra import sharding
+from prdp_jax.infra.errors import ConfigError, WeightsError
 from prdp_jax.models import open_clip
 from prdp_jax.rewards import aesthetic, clip_tokenizer, clipscore, hpsv2, pickscore
+from prdp_jax.rewards import combine as rewards
 from prdp_jax.rewards.image_transform import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageTransform
 
 IMAGE = 32
@@ -503,13 +504,14 @@ def test_combine_on_device_and_mixed_with_host(clip_folder):
 def test_trainer_samples_with_on_device_reward(clip_folder):
     """The trainer's sampling hands its device images to a combined on-device + host reward."""
     from conftest import tiny_config
-    from prdp_jax import pipeline, prompts as prompt_sets
+    from prdp_jax.pipelines.factory import build_pipeline
+    from prdp_jax.prompts import sets as prompt_sets
     from prdp_jax.training import epoch as epoch_lib, state as state_lib
     folder, _ = clip_folder
     config = tiny_config(**{"reward.clipscore.path": folder,
                             "reward.weights": {"clipscore": 1.0, "jpeg_compressibility": 0.01}})
     mesh = sharding.mesh_from_config(config.mesh)
-    pipe = pipeline.build(config, mesh)
+    pipe = build_pipeline(config, mesh)
     setup = epoch_lib.make_setup(config, pipe, mesh)
     state = setup.init_state(pipe.unet_params())
     reward = rewards.combine(dict(config.reward.weights), config)

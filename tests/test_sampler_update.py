@@ -7,7 +7,11 @@ import numpy as np
 import pytest
 
 from conftest import TINY_UNET
-from prdp_jax import ddpo, diffusion, rdp, sampler, update
+from prdp_jax.core import ddpo
+from prdp_jax.core import diffusion
+from prdp_jax.core import rdp
+from prdp_jax.core import sampler
+from prdp_jax.core import tiled_gradient
 from prdp_jax.models.unet import UNet
 
 UNET = UNet(**TINY_UNET)
@@ -109,16 +113,16 @@ def test_sampler_program_does_not_grow_with_steps():
 def minibatch(n=8, num_steps=5, B=4):
     params, other = params_pair()
     traj, ctx, uncond, coeffs = sample(params, n, num_steps)
-    placeholder = update.Transitions(traj.latents, ctx, traj.log_probs, traj.log_probs,
+    placeholder = tiled_gradient.Transitions(traj.latents, ctx, traj.log_probs, traj.log_probs,
                                    jnp.zeros(n), jnp.zeros(n))
-    tiling = update.Tiling(n, num_steps, trajectories=n, steps=num_steps)
-    score = jax.jit(functools.partial(update.score, denoiser, coeffs=coeffs, tiling=tiling,
+    tiling = tiled_gradient.Tiling(n, num_steps, trajectories=n, steps=num_steps)
+    score = jax.jit(functools.partial(tiled_gradient.score, denoiser, coeffs=coeffs, tiling=tiling,
                                       guidance_scale=GUIDANCE, reduce="mean"))
     old = score(params, placeholder, uncond)
     ref = score(other, placeholder, uncond)
     rewards = jax.random.uniform(jax.random.key(5), (n,))
     adv = jnp.asarray(ddpo.batch_advantages(np.asarray(rewards)))
-    mb = update.Transitions(traj.latents, ctx, old, ref, rewards, adv)
+    mb = tiled_gradient.Transitions(traj.latents, ctx, old, ref, rewards, adv)
     return mb, uncond, coeffs
 
 
@@ -163,11 +167,11 @@ def test_microbatched_gradient_is_exact(objective, tile, reduce):
     params = jax.tree.map(lambda p: p * 1.01, params)  # theta != theta_old, != reference
     obj = OBJECTIVES[objective]
     n, T = mb.log_probs_old.shape
-    tiling = update.Tiling(n, T, trajectories=tile[0], steps=tile[1])
+    tiling = tiled_gradient.Tiling(n, T, trajectories=tile[0], steps=tile[1])
     kw = dict(coeffs=coeffs, tiling=tiling, guidance_scale=GUIDANCE, reduce=reduce)
-    lp = jax.jit(functools.partial(update.score, denoiser, **kw))(params, mb, uncond)
-    loss, weights, aux = jax.jit(functools.partial(update.loss_and_weights, obj))(lp, mb)
-    grad_step = jax.jit(functools.partial(update.accumulate_grad, denoiser, **kw))
+    lp = jax.jit(functools.partial(tiled_gradient.score, denoiser, **kw))(params, mb, uncond)
+    loss, weights, aux = jax.jit(functools.partial(tiled_gradient.loss_and_weights, obj))(lp, mb)
+    grad_step = jax.jit(functools.partial(tiled_gradient.accumulate_grad, denoiser, **kw))
     grads = jax.tree.map(jnp.zeros_like, params)
     for j, c in zip(*tiling.tile_indices()):
         grads = grad_step(params, mb, uncond, weights, j, c, grads)
@@ -183,16 +187,16 @@ def test_gradient_of_a_trainable_subset_is_the_full_gradient_there_and_zero_else
     _, params = params_pair()
     params = jax.tree.map(lambda p: p * 1.01, params)
     n, T = mb.log_probs_old.shape
-    tiling = update.Tiling(n, T, trajectories=4, steps=3)
+    tiling = tiled_gradient.Tiling(n, T, trajectories=4, steps=3)
     kw = dict(coeffs=coeffs, tiling=tiling, guidance_scale=GUIDANCE, reduce="mean")
-    lp = jax.jit(functools.partial(update.score, denoiser, **kw))(params, mb, uncond)
-    _, weights, _ = update.loss_and_weights(OBJECTIVES["prdp-mean"], lp, mb)
+    lp = jax.jit(functools.partial(tiled_gradient.score, denoiser, **kw))(params, mb, uncond)
+    _, weights, _ = tiled_gradient.loss_and_weights(OBJECTIVES["prdp-mean"], lp, mb)
     mask = jax.tree_util.tree_map_with_path(
         lambda path, _: "attn2" in jax.tree_util.keystr(path), params)
     assert 0 < sum(jax.tree.leaves(mask)) < len(jax.tree.leaves(mask))
     full, subset = (jax.tree.map(jnp.zeros_like, params) for _ in range(2))
-    full_step = jax.jit(functools.partial(update.accumulate_grad, denoiser, **kw))
-    subset_step = jax.jit(functools.partial(update.accumulate_grad, denoiser, **kw, trainable=mask))
+    full_step = jax.jit(functools.partial(tiled_gradient.accumulate_grad, denoiser, **kw))
+    subset_step = jax.jit(functools.partial(tiled_gradient.accumulate_grad, denoiser, **kw, trainable=mask))
     for j, c in zip(*tiling.tile_indices()):
         full = full_step(params, mb, uncond, weights, j, c, full)
         subset = subset_step(params, mb, uncond, weights, j, c, subset)
@@ -209,8 +213,8 @@ def test_on_policy_log_ratio_is_exactly_zero_when_rescored():
     params, _ = params_pair()
     n, T = mb.log_probs_old.shape
     for trajs, steps in [(8, 5), (4, 2)]:
-        tiling = update.Tiling(n, T, trajectories=trajs, steps=steps)
-        lp = jax.jit(functools.partial(update.score, denoiser, coeffs=coeffs, tiling=tiling,
+        tiling = tiled_gradient.Tiling(n, T, trajectories=trajs, steps=steps)
+        lp = jax.jit(functools.partial(tiled_gradient.score, denoiser, coeffs=coeffs, tiling=tiling,
                                        guidance_scale=GUIDANCE, reduce="mean"))(params, mb, uncond)
         if (trajs, steps) == (8, 5):
             np.testing.assert_array_equal(lp, mb.log_probs_old)
@@ -222,12 +226,12 @@ def grad_step_temp_bytes(num_steps, images):
     _, params = params_pair()
     n = 2 * images
     coeffs = diffusion.step_coefficients(diffusion.make_schedule(), num_steps, 1.0)
-    tiling = update.Tiling(n, num_steps, trajectories=4, steps=5)
+    tiling = tiled_gradient.Tiling(n, num_steps, trajectories=4, steps=5)
     sds = jax.ShapeDtypeStruct
-    mb = update.Transitions(sds((n, num_steps + 1) + SHAPE, jnp.float32), sds((n,) + CTX, jnp.float32),
+    mb = tiled_gradient.Transitions(sds((n, num_steps + 1) + SHAPE, jnp.float32), sds((n,) + CTX, jnp.float32),
                           sds((n, num_steps), jnp.float32), sds((n, num_steps), jnp.float32),
                           sds((n,), jnp.float32), sds((n,), jnp.float32))
-    fn = jax.jit(functools.partial(update.accumulate_grad, denoiser, coeffs=coeffs, tiling=tiling,
+    fn = jax.jit(functools.partial(tiled_gradient.accumulate_grad, denoiser, coeffs=coeffs, tiling=tiling,
                                    guidance_scale=GUIDANCE, reduce="mean"))
     i32 = sds((), jnp.int32)
     compiled = fn.lower(params, mb, sds((1,) + CTX, jnp.float32), sds((n, num_steps), jnp.float32),

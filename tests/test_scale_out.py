@@ -2,7 +2,6 @@
 and a coordinator that never answers. The multi-process runs go through launch/local.sh and the
 real command line (`python -m prdp_jax.main --config tests/configs/tiny.py`)."""
 import json
-import math
 import os
 import signal
 import subprocess
@@ -15,8 +14,8 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from prdp_jax import checkpoint as ckpt_lib
 from prdp_jax import config as config_lib
+from prdp_jax.training import checkpoint as ckpt_lib
 from prdp_jax.training import loop
 from test_train import build, host, rel_err
 
@@ -224,8 +223,8 @@ def test_unreachable_coordinator_fails_in_bounded_time_with_one_line(tmp_path):
     ({"SLURM_NTASKS": "two"}, "SLURM_NTASKS='two' is not an integer"),
 ])
 def test_bad_distributed_settings_are_refused(env_vars, message, monkeypatch):
-    from prdp_jax import runtime
-    from prdp_jax.errors import ConfigError
+    from prdp_jax.infra import runtime
+    from prdp_jax.infra.errors import ConfigError
     for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_NTASKS"):
         monkeypatch.delenv(k, raising=False)
     for k, v in env_vars.items():
@@ -235,7 +234,7 @@ def test_bad_distributed_settings_are_refused(env_vars, message, monkeypatch):
 
 
 def test_cpu_hosts_split_into_devices_that_divide_every_batch(monkeypatch):
-    from prdp_jax import runtime
+    from prdp_jax.infra import runtime
     from test_train import load_config
     config = load_config("jpeg_tiny")  # 32 trajectories, minibatches and tiles of 8
     assert runtime.auto_cpu_devices(config, 2) == 2

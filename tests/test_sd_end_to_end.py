@@ -15,9 +15,9 @@ import torch
 import sd_tiny
 from conftest import CACHE, override
 from prdp_jax import export as export_lib
-from prdp_jax import sharding
-from prdp_jax.training import loop
+from prdp_jax.infra import sharding
 from prdp_jax.models import diffusers_folder
+from prdp_jax.training import loop
 from test_train import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -13,8 +13,8 @@ import torch
 
 import sd_tiny
 from prdp_jax.models import diffusers_folder
+from prdp_jax.models.tokenizers import CLIPTokenizer
 from prdp_jax.models.vae import AutoencoderKL
-from prdp_jax.text import CLIPTokenizer
 
 TOL = 1e-4
 FLAVOURS = {"sd1": "safetensors", "sd2": "bin"}

@@ -12,7 +12,7 @@ from prdp_jax.models.convert import _torch_shape, flax_path_to_torch_key
 from prdp_jax.models.text_encoder import TextEncoder
 from prdp_jax.models.unet import UNet
 from prdp_jax.models.vae import AutoencoderKL
-from prdp_jax import sd_pipeline
+from prdp_jax.pipelines import sd
 
 DOWN = ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
 UP = ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
@@ -94,5 +94,5 @@ def test_published_configs_give_the_published_parameter_layout(version):
     print(version, {k: f"{v:,}" for k, v in counts.items()})
 
     folder = diffusers_folder.Folder(path="", unet=unet, vae=vae, text_encoder=text, schedule={})
-    assert sd_pipeline.latent_shape(folder, 0) == ((64, 64, 4) if version == "sd15" else (96, 96, 4))
-    assert sd_pipeline.latent_shape(folder, 512) == (64, 64, 4)
+    assert sd.latent_shape(folder, 0) == ((64, 64, 4) if version == "sd15" else (96, 96, 4))
+    assert sd.latent_shape(folder, 512) == (64, 64, 4)

@@ -9,11 +9,12 @@ import pytest
 
 from conftest import tiny_config
 from prdp_jax import config as config_lib
-from prdp_jax import pipeline as pipeline_lib
-from prdp_jax import prompts as prompt_sets
-from prdp_jax import rewards, sharding
+from prdp_jax.infra import sharding
+from prdp_jax.infra.errors import CheckpointError, ConfigError
+from prdp_jax.pipelines.factory import build_pipeline
+from prdp_jax.prompts import sets as prompt_sets
+from prdp_jax.rewards import combine as rewards
 from prdp_jax.training import epoch as epoch_lib, loop, state as state_lib
-from prdp_jax.errors import CheckpointError, ConfigError
 
 
 
@@ -23,7 +24,7 @@ def load_config(name, recipe=""):
 
 def build(config):
     mesh = sharding.mesh_from_config(config.mesh)
-    pipe = pipeline_lib.build(config, mesh)
+    pipe = build_pipeline(config, mesh)
     return epoch_lib.make_setup(config, pipe, mesh), pipe
 
 
@@ -132,7 +133,7 @@ def test_trainable_subset_trains_checkpoints_and_resumes(tmp_path):
                                    log=logs.append)
     assert any("resumed from" in line for line in logs)
     mesh = sharding.mesh_from_config(tiny_config().mesh)
-    base = host(pipeline_lib.build(tiny_config(), mesh, log=lambda *a: None).unet_params())
+    base = host(build_pipeline(tiny_config(), mesh, log=lambda *a: None).unet_params())
     paths = [sharding.param_path(k) for k, _ in jax.tree_util.tree_flatten_with_path(base)[0]]
     moved = []
     for path, x, y in zip(paths, jax.tree.leaves(host(out["state"].params)), jax.tree.leaves(base)):

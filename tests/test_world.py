@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from conftest import TINY_UNET, override, tiny_config
+from prdp_jax.infra.errors import PromptError
+from prdp_jax.models.tokenizers import WordTokenizer
 from prdp_jax.training import loop
-from prdp_jax.errors import PromptError
-from prdp_jax.text import WordTokenizer
 from prdp_jax.world import grammar, render
 from prdp_jax.world.alignment import alignment_scores, score_image
 from prdp_jax.world.config import add_world_sections
@@ -219,7 +219,7 @@ def test_pretrain_finetune_evaluate_smoke(tmp_path, tiny_base):
 def test_world_base_refuses_altered_files_and_other_worlds(tmp_path, tiny_base):
     import shutil
 
-    from prdp_jax.errors import ConfigError, WeightsError
+    from prdp_jax.infra.errors import ConfigError, WeightsError
     from prdp_jax.world import base
     config = tiny_world_config(tiny_base)
     assert base.open_base(config).unet.sample_size == 24  # the intact folder opens
@@ -259,7 +259,7 @@ def test_captions_outside_the_grammar_stop_before_any_work(tmp_path, tiny_base):
 
 
 def test_reward_change_gets_a_paired_standard_error():
-    from prdp_jax import evaluate
+    from prdp_jax.training import evaluation as evaluate
     before = {"s": dict(prompts=3, reward_mean=0.2, reward_se=0.0577,
                         per_prompt_reward=[0.1, 0.2, 0.3])}
     after = {"s": dict(prompts=3, reward_mean=0.31667, reward_se=0.0928, drift_mean=0.01,

@@ -19,11 +19,11 @@ import os
 import sys
 import time
 
-from prdp_jax import files
-from prdp_jax import runtime
-from prdp_jax.errors import UserError
 from prdp_jax.experiments import findings as findings_lib
 from prdp_jax.experiments import report, runner
+from prdp_jax.infra import files
+from prdp_jax.infra import runtime
+from prdp_jax.infra.errors import UserError
 
 ORDER = ("small_scale", "large_scale", "clipping", "beta", "online_offline")
 

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from prdp_jax import files
+from prdp_jax.infra import files
 
 HELDOUT, LARGE, SMALL = "world_heldout", "world_large_sample", "world_small"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"

@@ -33,12 +33,12 @@ from typing import Callable, Mapping
 
 import ml_collections
 
-from prdp_jax import files
-from prdp_jax.training import loop
 from prdp_jax import config as config_lib
 from prdp_jax.config import to_json
-from prdp_jax.errors import UserError
 from prdp_jax.experiments.findings import Arm
+from prdp_jax.infra import files
+from prdp_jax.infra.errors import UserError
+from prdp_jax.training import loop
 
 EVAL_SETS = ("world_small", "world_large_sample", "world_heldout")
 TRAIN_SETS = {"small": "world_small", "large": "world_large"}
@@ -173,11 +173,14 @@ def reference(config: ml_collections.ConfigDict, reference_cache: str, log: Call
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)
-    from prdp_jax import evaluate, pipeline, rewards, sharding
+    from prdp_jax.infra import sharding
+    from prdp_jax.pipelines.factory import build_pipeline
+    from prdp_jax.rewards import combine as rewards
+    from prdp_jax.training import evaluation
     mesh = sharding.mesh_from_config(config.mesh)
-    pipe = pipeline.build(config, mesh, log=log)
-    evaluator = evaluate.Evaluator(config, pipe, mesh,
-                                   rewards.combine(dict(config.reward.weights), config))
+    pipe = build_pipeline(config, mesh, log=log)
+    evaluator = evaluation.Evaluator(config, pipe, mesh,
+                                     rewards.combine(dict(config.reward.weights), config))
     with tempfile.TemporaryDirectory() as tmp:
         before = evaluator.run_sets(pipe.unet_params(), None, pipe.frozen_params(), "before", tmp,
                                     show_progress=False, grids=False)

@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prdp_jax.errors import WeightsError
-from prdp_jax import files
+from prdp_jax.infra import files
+from prdp_jax.infra.errors import WeightsError
 from prdp_jax.models import convert, weights
 from prdp_jax.models.text_encoder import ACTIVATIONS, Encoder, TextEncoder
 

@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 import flax
 import numpy as np
 
-from prdp_jax.errors import WeightsError
+from prdp_jax.infra.errors import WeightsError
 
 
 def torch_key_to_path(key: str) -> tuple[str, ...]:

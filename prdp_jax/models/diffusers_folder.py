@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from prdp_jax.errors import ConfigError, WeightsError
-from prdp_jax.files import read_json
+from prdp_jax.infra.errors import ConfigError, WeightsError
+from prdp_jax.infra.files import read_json
 from prdp_jax.models.convert import rename_legacy_attention, state_dict_to_params, _to_numpy
 from prdp_jax.models.text_encoder import TextEncoder
 from prdp_jax.models.unet import UNet

@@ -35,7 +35,7 @@ import flax
 import jax.numpy as jnp
 import numpy as np
 
-from prdp_jax.errors import ConfigError, WeightsError
+from prdp_jax.infra.errors import ConfigError, WeightsError
 from prdp_jax.models import convert, weights
 from prdp_jax.models.clip import CLIPModel, VisionTransformer
 from prdp_jax.models.text_encoder import TextEncoder

@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from prdp_jax.errors import ConfigError
+from prdp_jax.infra.errors import ConfigError
 
 Dtype = jnp.dtype
 

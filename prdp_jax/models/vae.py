@@ -15,8 +15,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from prdp_jax.errors import ConfigError
-from prdp_jax.models.unet import ResnetBlock2D, Upsample2D, conv3x3
+from prdp_jax.infra.errors import ConfigError
+from prdp_jax.models.layers import conv3x3
+from prdp_jax.models.unet import ResnetBlock2D, Upsample2D
 
 Dtype = jnp.dtype
 EPS = 1e-6  # GroupNorm epsilon everywhere in diffusers' VAE.

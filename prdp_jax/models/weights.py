@@ -21,8 +21,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from prdp_jax.errors import WeightsError
-from prdp_jax.files import read_json
+from prdp_jax.infra.errors import WeightsError
+from prdp_jax.infra.files import read_json
 
 TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",

@@ -18,9 +18,9 @@ import jax.numpy as jnp
 
 from prdp_jax.models import convert, weights
 from prdp_jax.models.aesthetic import AestheticMLP
-from prdp_jax.rewards import Reward, register
 from prdp_jax.rewards import hf_clip
 from prdp_jax.rewards.model_reward import FrozenParams, image_text_reward, required_path
+from prdp_jax.rewards.registry import Reward, register
 
 
 def build(clip_folder: str, mlp_path: str) -> Reward:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from prdp_jax.rewards import Reward, register
+from prdp_jax.rewards.registry import Reward, register
 
 LUMA = np.asarray([0.299, 0.587, 0.114], np.float32)  # ITU-R BT.601 weights of R, G, B
 

@@ -26,7 +26,7 @@ from typing import Sequence
 
 import numpy as np
 
-from prdp_jax.errors import ConfigError, WeightsError
+from prdp_jax.infra.errors import ConfigError, WeightsError
 
 TOKENIZER_FILES = (("vocab.json", "merges.txt"), ("tokenizer.json",))
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from prdp_jax.rewards import Reward, register
 from prdp_jax.rewards import hf_clip
 from prdp_jax.rewards.model_reward import image_text_reward, required_path
+from prdp_jax.rewards.registry import Reward, register
 
 W = 2.5
 

@@ -14,8 +14,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from prdp_jax.errors import WeightsError
-from prdp_jax import files
+from prdp_jax.infra import files
+from prdp_jax.infra.errors import WeightsError
 from prdp_jax.models import clip
 from prdp_jax.rewards import clip_tokenizer
 from prdp_jax.rewards.image_transform import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageTransform

@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import jax
 
-from prdp_jax.errors import ConfigError
+from prdp_jax.infra.errors import ConfigError
 from prdp_jax.models import open_clip
 from prdp_jax.models.clip import CLIPModel
-from prdp_jax.rewards import Reward, register
 from prdp_jax.rewards import clip_tokenizer
 from prdp_jax.rewards.hf_clip import cosine
 from prdp_jax.rewards.image_transform import ImageTransform
+from prdp_jax.rewards.registry import Reward, register
 from prdp_jax.rewards.model_reward import (FrozenParams, TextEmbeddings, image_text_reward,
                                            required_path, section)
 

@@ -6,7 +6,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from prdp_jax.rewards import Reward, register
+from prdp_jax.rewards.registry import Reward, register
 
 
 def to_uint8(images) -> np.ndarray:

@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
-from prdp_jax import sharding as sharding_lib
-from prdp_jax.errors import ConfigError
-from prdp_jax.rewards import Reward
+from prdp_jax.infra import sharding as sharding_lib
+from prdp_jax.infra.errors import ConfigError
+from prdp_jax.rewards.registry import Reward
 
 ScoreFn = Callable[..., jax.Array]
 

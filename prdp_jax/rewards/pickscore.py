@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from prdp_jax.rewards import Reward, register
 from prdp_jax.rewards import hf_clip
 from prdp_jax.rewards.model_reward import image_text_reward, required_path, section
+from prdp_jax.rewards.registry import Reward, register
 
 
 def build(folder: str, tokenizer_folder: str = "") -> Reward:

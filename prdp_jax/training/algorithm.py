@@ -22,9 +22,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from prdp_jax import ddpo
-from prdp_jax import rewards as rewards_lib
-from prdp_jax.progress import progress
+from prdp_jax.core import ddpo
+from prdp_jax.infra.progress import progress
+from prdp_jax.rewards import combine as rewards_lib
 from prdp_jax.training.epoch import (EpochSamples, Setup, known_log_probs, minibatch_gradient,
                                      reshuffle, sample_and_reward, score_transitions)
 from prdp_jax.training.state import TrainState, epoch_key

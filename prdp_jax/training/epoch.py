@@ -21,15 +21,16 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from prdp_jax import rewards as rewards_lib
-from prdp_jax import sharding, update
-from prdp_jax.errors import ConfigError
-from prdp_jax.progress import progress
+from prdp_jax.core import tiled_gradient
+from prdp_jax.infra import sharding
+from prdp_jax.infra.errors import ConfigError
+from prdp_jax.infra.progress import progress
+from prdp_jax.rewards import combine as rewards_lib
 from prdp_jax.training import state as state_lib
 from prdp_jax.training import steps as steps_lib
 
 if TYPE_CHECKING:
-    from prdp_jax.pipeline import Pipeline
+    from prdp_jax.pipelines.base import Pipeline
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +67,7 @@ def make_setup(config: ml_collections.ConfigDict, pipe: "Pipeline", mesh: Mesh) 
     shape = steps_lib.EpochShape.from_config(config, mesh)
     coeffs = steps_lib.policy_coefficients(config)
     n = shape.minibatch_trajectories
-    tiling = update.Tiling(n, coeffs.num_stochastic, trajectories=min(t.microbatch_trajectories, n),
+    tiling = tiled_gradient.Tiling(n, coeffs.num_stochastic, trajectories=min(t.microbatch_trajectories, n),
                            steps=t.microbatch_steps, shards=shape.shards)
     ctx = steps_lib.step_context(config, pipe, mesh, coeffs, tiling)
     sh = steps_lib.shardings_for(pipe, mesh)
@@ -172,8 +173,8 @@ def prompt_permutation(config: ml_collections.ConfigDict, epoch: int, pass_index
     return (order[:, None] * B + np.arange(B)[None]).reshape(-1).astype(np.int32)
 
 
-def reshuffle(setup: Setup, data: update.Transitions, epoch: int,
-              pass_index: int) -> update.Transitions:
+def reshuffle(setup: Setup, data: tiled_gradient.Transitions, epoch: int,
+              pass_index: int) -> tiled_gradient.Transitions:
     """Pass (k-1)'s minibatches reshuffled into pass k's order."""
     prev = prompt_permutation(setup.config, epoch, pass_index - 1)
     new = prompt_permutation(setup.config, epoch, pass_index)
@@ -183,7 +184,7 @@ def reshuffle(setup: Setup, data: update.Transitions, epoch: int,
 
 
 def score_transitions(setup: Setup, old_params, ref_params, samples: EpochSamples,
-                      advantages: np.ndarray, epoch: int) -> tuple[update.Transitions, dict]:
+                      advantages: np.ndarray, epoch: int) -> tuple[tiled_gradient.Transitions, dict]:
     """The epoch's transitions in pass 0's shuffled minibatches ([M, n, ...]), with
     log pi_ref of every transition, and log pi_theta_old re-scored (unless `train.rescore_old`
     is off and the sampler's own log-probs can serve: online sampling).
@@ -211,15 +212,15 @@ def score_transitions(setup: Setup, old_params, ref_params, samples: EpochSample
     return data, info
 
 
-def known_log_probs(setup: Setup, data: update.Transitions) -> jax.Array:
+def known_log_probs(setup: Setup, data: tiled_gradient.Transitions) -> jax.Array:
     """[n, T] log pi_theta_old of minibatch 0: at an epoch's first step theta is still theta_old,
     whose log-probs were just stored, so that step needs no scoring pass."""
     return setup.steps.take(data.log_probs_old, setup.index[0])
 
 
-def minibatch_gradient(setup: Setup, params, data: update.Transitions, uncond: jax.Array, m: int,
+def minibatch_gradient(setup: Setup, params, data: tiled_gradient.Transitions, uncond: jax.Array, m: int,
                        log_probs: Optional[jax.Array] = None):
-    """Loss, exact gradient and aux of minibatch m (the three phases of `update.py`).
+    """Loss, exact gradient and aux of minibatch m (the three phases of `tiled_gradient.py`).
 
     Args:
       log_probs: [n, T] the minibatch's log-probs under `params` if already known.

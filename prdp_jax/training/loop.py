@@ -18,13 +18,19 @@ import jax
 import ml_collections
 import numpy as np
 
-from prdp_jax import checkpoint as ckpt_lib
 from prdp_jax import config as config_lib
-from prdp_jax import ddpo, evaluate, files, metrics as metrics_lib, pipeline as pipeline_lib
-from prdp_jax import prompts as prompt_sets
-from prdp_jax import preemption, rewards as rewards_lib, sharding
-from prdp_jax.errors import ConfigError
-from prdp_jax.progress import progress
+from prdp_jax.core import ddpo
+from prdp_jax.infra import files
+from prdp_jax.infra import metrics as metrics_lib
+from prdp_jax.infra import sharding
+from prdp_jax.infra.errors import ConfigError
+from prdp_jax.infra.progress import progress
+from prdp_jax.pipelines.factory import build_pipeline
+from prdp_jax.prompts import sets as prompt_sets
+from prdp_jax.rewards import combine as rewards_lib
+from prdp_jax.training import checkpoint as ckpt_lib
+from prdp_jax.training import evaluation
+from prdp_jax.training import preemption
 from prdp_jax.training.algorithm import train_epoch
 from prdp_jax.training.epoch import EpochSamples, Setup, compile_setup, make_setup
 from prdp_jax.training.state import TrainState, trainable_count
@@ -136,8 +142,8 @@ def save_sample_grid(workdir: str, epoch: int, samples: EpochSamples, config) ->
 
 def write_summary(workdir: str, config, before: dict, after: dict, say) -> None:
     """Prints the before/after tables; writes eval/summary.json and the before/after grids."""
-    lines = evaluate.table(before, after)
-    components = evaluate.component_table(before, after)
+    lines = evaluation.table(before, after)
+    components = evaluation.component_table(before, after)
     for line in components + lines:
         say(line)
     if jax.process_index() != 0:
@@ -149,7 +155,7 @@ def write_summary(workdir: str, config, before: dict, after: dict, say) -> None:
     for name in config.eval.sets:
         grid = lambda label: os.path.join(workdir, "eval", f"{label}_{prompt_sets.slug(name)}.png")
         if os.path.exists(grid("before")) and os.path.exists(grid("after")):
-            evaluate.side_by_side(grid("before"), grid("after"), grid("before_after"))
+            evaluation.side_by_side(grid("before"), grid("after"), grid("before_after"))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=print,
@@ -168,10 +174,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
     mesh = sharding.mesh_from_config(config.mesh)
     reward_fn = rewards_lib.combine(dict(config.reward.weights), config)
     train_prompts = prompt_sets.load(config.prompts.train, config)
-    pipe = pipeline_lib.build(config, mesh, log=say)
+    pipe = build_pipeline(config, mesh, log=say)
     pipe.check_prompts(train_prompts, f"prompts.train={config.prompts.train}")
     for name in config.eval.sets:
-        evaluate.load_eval_set(config, pipe, name)
+        evaluation.load_eval_set(config, pipe, name)
     setup = make_setup(config, pipe, mesh)
     for line in summary(setup):
         say(line)
@@ -198,14 +204,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
     if is_main:
         files.atomic_write_json(os.path.join(workdir, "config.json"), config.to_dict())
     setup, _ = compile_setup(setup, frozen, log=say)
-    evaluator = evaluate.Evaluator(config, pipe, mesh, reward_fn) if config.eval.sets else None
+    evaluator = evaluation.Evaluator(config, pipe, mesh, reward_fn) if config.eval.sets else None
     before = after = None  # after: the final evaluation, if the last epoch's periodic one made it
     if evaluator is not None:
         before = files.read_json(os.path.join(workdir, "eval", "before.json"), missing_ok=True)
         if before is None:
             say("evaluating the reference (before finetuning)")
             before = evaluator.run_sets(ref_params, None, frozen, "before", workdir, show)
-        for line in evaluate.table(before):
+        for line in evaluation.table(before):
             say(line)
 
     last = {}
@@ -240,7 +246,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
                 after = evaluator.run_sets(state.params, ref_params, frozen,
                                            "after" if final else f"epoch_{done:05d}", workdir,
                                            show, grids=final)
-                last.update(evaluate.flatten(after))
+                last.update(evaluation.flatten(after))
             writer.write(done, last)
             say(f"epoch {done}/{config.train.epochs} | reward {last['reward_mean']:.4f} "
                 f"+- {last['reward_std']:.4f} | loss {last['loss']:.4g} "

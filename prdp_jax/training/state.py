@@ -18,8 +18,11 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from prdp_jax import ddpo, rdp, sharding, update
-from prdp_jax.errors import ConfigError
+from prdp_jax.core import ddpo
+from prdp_jax.core import rdp
+from prdp_jax.core import tiled_gradient
+from prdp_jax.infra import sharding
+from prdp_jax.infra.errors import ConfigError
 
 
 @flax.struct.dataclass
@@ -63,7 +66,7 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     that `train.trainable` selects (all by default; the others get zero updates and no state).
 
     Its state (both AdamW moments) is float32 whatever the params' dtype: `init` sees float32
-    params, and the float32 gradients keep it float32 through every update.
+    params, and the float32 gradients keep it float32 through every tiled_gradient.
     """
     t = config.train
     opt = optax.chain(
@@ -78,7 +81,7 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     return optax.GradientTransformation(lambda params: opt.init(as_f32(params)), opt.update)
 
 
-def make_objective(config: ml_collections.ConfigDict) -> update.Objective:
+def make_objective(config: ml_collections.ConfigDict) -> tiled_gradient.Objective:
     """The loss as a function of per-step log-probs: (log_probs [n, T], minibatch) -> (loss, aux)."""
     if config.method == "prdp":
         p = config.prdp

@@ -20,11 +20,14 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from prdp_jax import diffusion, sampler, sharding, update
+from prdp_jax.core import diffusion
+from prdp_jax.core import sampler
+from prdp_jax.core import tiled_gradient
+from prdp_jax.infra import sharding
 from prdp_jax.training.state import TrainState, trainable_labels
 
 if TYPE_CHECKING:
-    from prdp_jax.pipeline import Pipeline
+    from prdp_jax.pipelines.base import Pipeline
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +75,7 @@ class StepContext:
 
     pipe: Pipeline
     coeffs: diffusion.StepCoefficients
-    tiling: update.Tiling
+    tiling: tiled_gradient.Tiling
     guidance_scale: float
     reduce: str                  # per-step log-prob over latent elements: "mean" or "sum"
     constrain: Callable          # pins a batch-leading array to the mesh's batch axes
@@ -91,7 +94,7 @@ def policy_coefficients(config: ml_collections.ConfigDict) -> diffusion.StepCoef
 
 
 def step_context(config: ml_collections.ConfigDict, pipe: Pipeline, mesh: Mesh,
-                 coeffs: diffusion.StepCoefficients, tiling: update.Tiling) -> StepContext:
+                 coeffs: diffusion.StepCoefficients, tiling: tiled_gradient.Tiling) -> StepContext:
     return StepContext(pipe=pipe, coeffs=coeffs, tiling=tiling,
                        guidance_scale=config.sample.guidance_scale,
                        reduce=config.sample.logprob_reduction,
@@ -136,7 +139,7 @@ def sample_batch(ctx: StepContext, images_per_prompt: int, params, frozen,
 
 def arrange(batches: tuple, prompt_context: jax.Array, rewards: jax.Array, advantages: jax.Array,
             traj_perm: jax.Array, *, images_per_prompt: int,
-            num_minibatches: int) -> update.Transitions:
+            num_minibatches: int) -> tiled_gradient.Transitions:
     """Gathers an epoch's sampled trajectories into shuffled minibatches.
 
     Args:
@@ -150,13 +153,13 @@ def arrange(batches: tuple, prompt_context: jax.Array, rewards: jax.Array, advan
     latents = jnp.concatenate([b.latents for b in batches])[traj_perm]
     log_probs = jnp.concatenate([b.log_probs for b in batches])[traj_perm]
     split = lambda x: x.reshape((num_minibatches, -1) + x.shape[1:])
-    return update.Transitions(
+    return tiled_gradient.Transitions(
         latents=split(latents), context=split(prompt_context[traj_perm // images_per_prompt]),
         log_probs_old=split(log_probs), log_probs_ref=split(jnp.zeros_like(log_probs)),
         rewards=split(rewards[traj_perm]), advantages=split(advantages[traj_perm]))
 
 
-def rearrange(data: update.Transitions, traj_perm: jax.Array) -> update.Transitions:
+def rearrange(data: tiled_gradient.Transitions, traj_perm: jax.Array) -> tiled_gradient.Transitions:
     """Reshuffles [M, n, ...] minibatches with a new trajectory permutation."""
     def one(x):
         flat = x.reshape((-1,) + x.shape[2:])[traj_perm]
@@ -164,34 +167,34 @@ def rearrange(data: update.Transitions, traj_perm: jax.Array) -> update.Transiti
     return jax.tree.map(one, data)
 
 
-def set_log_probs(data: update.Transitions, old: jax.Array, ref: jax.Array) -> update.Transitions:
+def set_log_probs(data: tiled_gradient.Transitions, old: jax.Array, ref: jax.Array) -> tiled_gradient.Transitions:
     """Stores the re-scored [M, n, T] log-probs of theta_old and the reference."""
     return data.replace(log_probs_old=old, log_probs_ref=ref)
 
 
-def minibatch(data: update.Transitions, m: jax.Array) -> update.Transitions:
+def minibatch(data: tiled_gradient.Transitions, m: jax.Array) -> tiled_gradient.Transitions:
     """Minibatch m ([n, ...]) of an epoch's [M, n, ...] transitions."""
     return jax.tree.map(lambda x: x[m], data)
 
 
-def score_minibatch(ctx: StepContext, params, data: update.Transitions, uncond, m):
+def score_minibatch(ctx: StepContext, params, data: tiled_gradient.Transitions, uncond, m):
     """[n, T] log pi_params of minibatch m's transitions (forward only)."""
-    return update.score(ctx.pipe.denoiser, params, minibatch(data, m), uncond, ctx.coeffs,
+    return tiled_gradient.score(ctx.pipe.denoiser, params, minibatch(data, m), uncond, ctx.coeffs,
                         ctx.tiling, **ctx.policy_kwargs)
 
 
-def minibatch_weights(objective: update.Objective, data: update.Transitions, m, log_probs):
+def minibatch_weights(objective: tiled_gradient.Objective, data: tiled_gradient.Transitions, m, log_probs):
     """(loss, dL/dlog_probs [n, T], aux) of minibatch m."""
-    return update.loss_and_weights(objective, log_probs, minibatch(data, m))
+    return tiled_gradient.loss_and_weights(objective, log_probs, minibatch(data, m))
 
 
-def grad_tile(ctx: StepContext, trainable: str, params, data: update.Transitions, uncond,
+def grad_tile(ctx: StepContext, trainable: str, params, data: tiled_gradient.Transitions, uncond,
               weights, m, j, c, grads):
     """Adds tile (j, c) of minibatch m to the gradient accumulator (only the params that
     `trainable` selects are differentiated; the others' gradients stay exactly zero)."""
     mask = (jax.tree.map(lambda label: label == "train", trainable_labels(trainable, params))
             if trainable else None)
-    return update.accumulate_grad(ctx.pipe.denoiser, params, minibatch(data, m), uncond, weights,
+    return tiled_gradient.accumulate_grad(ctx.pipe.denoiser, params, minibatch(data, m), uncond, weights,
                                   j, c, grads, ctx.coeffs, ctx.tiling, trainable=mask,
                                   **ctx.policy_kwargs)
 
@@ -239,7 +242,7 @@ def shardings_for(pipe: Pipeline, mesh: Mesh) -> Shardings:
 
 
 def build_steps(ctx: StepContext, shape: EpochShape, sh: Shardings, trainable: str,
-                optimizer: optax.GradientTransformation, objective: update.Objective) -> Steps:
+                optimizer: optax.GradientTransformation, objective: tiled_gradient.Objective) -> Steps:
     partial = functools.partial
     batch, repl, ep, ps = sh.batch, sh.replicated, sh.epoch, sh.params
     return Steps(
@@ -285,7 +288,7 @@ def compile_steps(steps: Steps, ctx: StepContext, shape: EpochShape, sh: Shardin
     key = sds((2,), jnp.uint32, repl)
     idx = sds((shape.sample_batch,), jnp.int32, sh.batch)
     M, n, T = shape.minibatches, shape.minibatch_trajectories, ctx.coeffs.num_stochastic
-    data = update.Transitions(
+    data = tiled_gradient.Transitions(
         latents=sds((M, n, T + 1) + pipe.latent_shape, jnp.float32, ep),
         context=sds((M, n, n_ctx, dim), jnp.float32, ep),
         log_probs_old=sds((M, n, T), jnp.float32, ep),

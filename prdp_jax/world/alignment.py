@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from prdp_jax.rewards import Reward, register
+from prdp_jax.rewards.registry import Reward, register
 from prdp_jax.world import grammar
 from prdp_jax.world.render import geometry, object_mask
 

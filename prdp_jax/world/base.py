@@ -16,11 +16,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from prdp_jax import diffusion, sharding
-from prdp_jax import pretrain as pretrain_lib
-from prdp_jax.checkpoint import Checkpointer
-from prdp_jax.errors import ConfigError, WeightsError
+from prdp_jax.core import diffusion
+from prdp_jax.infra import sharding
+from prdp_jax.infra.errors import ConfigError, WeightsError
 from prdp_jax.models import diffusers_folder
+from prdp_jax.models.tokenizers import WordTokenizer
+from prdp_jax.pipelines import base as pipeline_base
+from prdp_jax.training import pretrain as pretrain_lib
+from prdp_jax.training.checkpoint import Checkpointer
 from prdp_jax.world import base_folder, degrade, grammar
 from prdp_jax.world.prompts import world_splits
 
@@ -63,19 +66,17 @@ def batches(config: ml_collections.ConfigDict, tokenizer):
 def pretrain_base(config: ml_collections.ConfigDict, out: str, state_dir: str, log=print,
                   show_progress: bool = True) -> str:
     """Pretrains the base of `config` (resuming from `state_dir`) and writes its folder to `out`."""
-    from prdp_jax import pipeline
-    from prdp_jax.text import WordTokenizer
     mesh = sharding.mesh_from_config(config.mesh)
     length = config.model.text_encoder.max_position_embeddings
     tokenizer = WordTokenizer(grammar.VOCABULARY, max_length=length)
-    unet = pipeline.unet_from_config(config)
-    text_encoder = pipeline.text_encoder_from_config(config, tokenizer.vocab_size)
+    unet = pipeline_base.unet_from_config(config)
+    text_encoder = pipeline_base.text_encoder_from_config(config, tokenizer.vocab_size)
     size = unet.sample_size
     key_unet, key_text = jax.random.split(jax.random.key(config.model.init_seed))
-    unet_init, _, unet_shardings = pipeline.init_sharded(
+    unet_init, _, unet_shardings = pipeline_base.init_sharded(
         unet, mesh, config, key_unet, jnp.zeros((1, size, size, unet.in_channels)),
         jnp.zeros((1,), jnp.int32), jnp.zeros((1, length, unet.cross_attention_dim)))
-    text_init, _, text_shardings = pipeline.init_sharded(
+    text_init, _, text_shardings = pipeline_base.init_sharded(
         text_encoder, mesh, config, key_text, jnp.zeros((1, length), jnp.int32))
     schedule_kwargs = config.schedule.to_dict()
     record = world_record(config)

@@ -5,7 +5,7 @@
     unet/diffusion_pytorch_model.safetensors
     text_encoder/config.json         transformers CLIPTextConfig
     text_encoder/model.safetensors   CLIPTextModel weights ("text_model." keys)
-    tokenizer/vocab.json             the world's closed vocabulary (prdp_jax.text.WordTokenizer)
+    tokenizer/vocab.json             the world's closed vocabulary (prdp_jax.models.tokenizers.WordTokenizer)
     scheduler/scheduler_config.json  the noise schedule it was trained with
     world.json                       the world and pretraining config it was trained with
     manifest.json                    size and SHA-256 of every other file
@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from prdp_jax.errors import WeightsError
+from prdp_jax.infra.errors import WeightsError
 
 MANIFEST = "manifest.json"
 WORLD = "world.json"

@@ -22,7 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
-from prdp_jax.errors import PromptError
+from prdp_jax.infra.errors import PromptError
 
 COLORS = {  # object colours, RGB in [0, 1]
     "red": (0.90, 0.10, 0.10),

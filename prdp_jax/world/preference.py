@@ -11,7 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-from prdp_jax.rewards import Reward, register
+from prdp_jax.rewards.registry import Reward, register
 from prdp_jax.world.alignment import alignment_scores
 from prdp_jax.world.quality import quality_scores
 

@@ -25,8 +25,8 @@ flags.DEFINE_string("state", None, "Resumable pretraining state (default: <out>.
 
 
 def main(argv) -> None:
-    from prdp_jax import runtime
-    from prdp_jax.errors import UserError
+    from prdp_jax.infra import runtime
+    from prdp_jax.infra.errors import UserError
     from prdp_jax.world import base
     if len(argv) > 1:
         print(f"error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)

@@ -1,7 +1,7 @@
 """The world's prompt sets, registered in the core prompt registry (seeded by `config.world`)."""
 from __future__ import annotations
 
-from prdp_jax.prompts import register
+from prdp_jax.prompts.registry import register
 from prdp_jax.world import grammar
 
 

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from prdp_jax.rewards import Reward, register
+from prdp_jax.rewards.registry import Reward, register
 from prdp_jax.world import grammar
 
 PALETTE = np.array(list(grammar.COLORS.values()) + list(grammar.BACKGROUNDS.values()), np.float32)

@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from prdp_jax.errors import ConfigError
+from prdp_jax.infra.errors import ConfigError
 from prdp_jax.world.grammar import BACKGROUNDS, COLORS, GRID, Obj, Scene
 
 

@@ -1,9 +1,12 @@
-"""A text-to-image pipeline: tokenizer, text encoder, UNet, decoder and their frozen weights.
+"""A text-to-image pipeline: tokenizer, text encoder, UNet, decoder and their frozen weights, and
+the registry of the sources a pipeline is built from (`model.source`).
 
-`build(config, mesh)` returns the modules and one function per weight set, each of which
-materialises straight into its sharded layout: the UNet start (called once for the trainable
-params and once for the frozen reference, which is loaded from its own source, never from a
-training checkpoint) and the frozen text encoder.
+A source is a function `(config, mesh, log) -> Pipeline` registered by name; it returns the
+modules and one function per weight set, each of which materialises straight into its sharded
+layout: the UNet start (called once for the trainable params and once for the frozen reference,
+which is loaded from its own source, never from a training checkpoint) and the frozen text
+encoder. This module is a leaf: sources import it to register (`pixel.py`, `sd.py`,
+`world/pipeline.py`); `factory.build_pipeline` looks them up.
 """
 from __future__ import annotations
 
@@ -16,14 +19,23 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from prdp_jax import prompts as prompt_sets
-from prdp_jax import sharding
-from prdp_jax.errors import ConfigError
+from prdp_jax.infra import sharding
+from prdp_jax.infra.errors import ConfigError
 from prdp_jax.models.text_encoder import TextEncoder
+from prdp_jax.models.tokenizers import WordTokenizer
 from prdp_jax.models.unet import UNet
-from prdp_jax.text import WordTokenizer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+Source = Callable[[ml_collections.ConfigDict, Mesh, Callable], "Pipeline"]
+SOURCES: dict[str, Source] = {}
+
+
+def register_source(name: str):
+    """Decorator: registers a pipeline source `(config, mesh, log) -> Pipeline` as `name`."""
+    def deco(fn: Source) -> Source:
+        SOURCES[name] = fn
+        return fn
+    return deco
 
 
 @dataclasses.dataclass
@@ -59,7 +71,7 @@ class Pipeline:
     def check_prompts(self, prompts: Sequence[str], where: str) -> None:
         """Tokenizes (and, for the world, parses) every prompt of a set up front: one error naming
         the set, the prompt's index and the prompt, before any work is done."""
-        from prdp_jax.errors import PromptError
+        from prdp_jax.infra.errors import PromptError
         if self.validate_prompt is None and not isinstance(self.tokenizer, WordTokenizer):
             return  # a CLIP tokenizer takes any text (and truncates)
         for i, prompt in enumerate(prompts):
@@ -119,51 +131,3 @@ def init_sharded(module, mesh: Mesh, config: ml_collections.ConfigDict, key: jax
     shardings = sharding.tree_shardings(abstract, mesh, rules, config.mesh.fsdp_min_size)
     init = jax.jit(lambda k: module.init(k, *args)["params"], out_shardings=shardings)
     return init, abstract, shardings
-
-
-def build(config: ml_collections.ConfigDict, mesh: Mesh, log=print) -> Pipeline:
-    """Builds the pipeline named by `config.model.source`:
-
-    'random': a fresh init from `model.init_seed` (reference = init), word tokenizer over the
-      training prompt set's vocabulary;
-    'world': the embedded world's base folder `world.base_dir` (world/base.py), verified against
-      its manifest and read like a Stable Diffusion folder (sd_pipeline.py);
-    'diffusers': Stable Diffusion from the local diffusers folder `model.path` (sd_pipeline.py).
-    """
-    source = config.model.source
-    if source == "world":
-        # The world's shipped (or given) base folder, verified, through the diffusers-folder code.
-        from prdp_jax import sd_pipeline
-        from prdp_jax.world import base, grammar
-        config.model.path = base.open_base(config).path
-        return dataclasses.replace(sd_pipeline.build(config, mesh, log=log),
-                                   validate_prompt=grammar.parse)
-    if source == "diffusers":
-        from prdp_jax import sd_pipeline
-        return sd_pipeline.build(config, mesh, log=log)
-    if source != "random":
-        raise ConfigError(f"model.source must be 'random', 'world' or 'diffusers', got {source!r}")
-    length = config.model.text_encoder.max_position_embeddings
-    vocab_prompts = list(prompt_sets.load(config.prompts.train, config)) + [""]
-    tokenizer = WordTokenizer.from_prompts(vocab_prompts, max_length=length)
-    unet = unet_from_config(config)
-    text_encoder = text_encoder_from_config(config, tokenizer.vocab_size)
-    if unet.cross_attention_dim != text_encoder.hidden_size:
-        raise ConfigError(f"model.unet.cross_attention_dim={unet.cross_attention_dim} must equal "
-                          f"model.text_encoder.hidden_size={text_encoder.hidden_size}")
-    size = unet.sample_size
-    latent_shape = (size, size, unet.in_channels)
-    key_unet, key_text = jax.random.split(jax.random.key(config.model.init_seed))
-    unet_init, abstract, unet_shardings = init_sharded(
-        unet, mesh, config, key_unet, jnp.zeros((1,) + latent_shape), jnp.zeros((1,), jnp.int32),
-        jnp.zeros((1, length, unet.cross_attention_dim)))
-    text_init, _, text_shardings = init_sharded(text_encoder, mesh, config, key_text,
-                                                jnp.zeros((1, length), jnp.int32))
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            abstract, unet_shardings)
-    unet_params = lambda: unet_init(key_unet)
-    frozen_params = lambda: {"text_encoder": text_init(key_text)}
-    return Pipeline(
-        unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, latent_shape=latent_shape,
-        decode=pixel_decode, unet_params=unet_params, frozen_params=frozen_params,
-        abstract_unet_params=abstract, gather=sharding.gather_over_fsdp(unet_shardings))

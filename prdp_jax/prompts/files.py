@@ -24,7 +24,7 @@ import os
 
 import numpy as np
 
-from prdp_jax.errors import ConfigError, PromptError
+from prdp_jax.infra.errors import ConfigError, PromptError
 
 FORMATS = (".txt", ".jsonl", ".json", ".csv", ".tsv", ".parquet")
 

@@ -13,7 +13,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from prdp_jax import diffusion
+from prdp_jax.core import diffusion
 
 
 @flax.struct.dataclass

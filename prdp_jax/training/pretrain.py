@@ -10,7 +10,7 @@ the latest save, bitwise as if never stopped (batches and noise are pure functio
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import flax
 import jax
@@ -20,9 +20,10 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from prdp_jax import diffusion, sharding
-from prdp_jax.checkpoint import Checkpointer
-from prdp_jax.progress import progress
+from prdp_jax.core import diffusion
+from prdp_jax.infra import sharding
+from prdp_jax.infra.progress import progress
+from prdp_jax.training.checkpoint import Checkpointer
 
 
 @flax.struct.dataclass

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prdp_jax.errors import ConfigError
+from prdp_jax.infra.errors import ConfigError
 
 BETA_SCHEDULES = ("scaled_linear", "linear")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")

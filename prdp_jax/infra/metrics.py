@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from PIL import Image, ImageDraw
 
-from prdp_jax.files import atomic_save_image, atomic_write_bytes
+from prdp_jax.infra.files import atomic_save_image, atomic_write_bytes
 
 
 class MetricWriter:

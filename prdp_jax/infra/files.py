@@ -7,7 +7,7 @@ import json
 import os
 from typing import Any, Optional, Type
 
-from prdp_jax.errors import UserError, WeightsError
+from prdp_jax.infra.errors import UserError, WeightsError
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:

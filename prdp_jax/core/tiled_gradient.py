@@ -28,8 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prdp_jax import diffusion, sharding
-from prdp_jax.errors import ConfigError
+from prdp_jax.core import diffusion
+from prdp_jax.infra import sharding
+from prdp_jax.infra.errors import ConfigError
 
 
 @flax.struct.dataclass

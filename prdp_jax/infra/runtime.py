@@ -22,7 +22,7 @@ from typing import Optional
 
 import jax
 
-from prdp_jax.errors import ConfigError
+from prdp_jax.infra.errors import ConfigError
 
 MODES = ("auto", "on", "off")
 

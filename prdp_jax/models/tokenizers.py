@@ -11,7 +11,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from prdp_jax.errors import PromptError
+from prdp_jax.infra.errors import PromptError
 
 _WORD = re.compile(r"[a-z0-9]+")
 
@@ -45,7 +45,7 @@ class WordTokenizer:
         """The tokenizer of a pipeline folder's tokenizer/ (vocab.json: {"words", "max_length"})."""
         import json
 
-        from prdp_jax.errors import WeightsError
+        from prdp_jax.infra.errors import WeightsError
         file = os.path.join(path, "vocab.json")
         try:
             with open(file) as f:
@@ -85,7 +85,7 @@ class CLIPTokenizer:
     """
 
     def __init__(self, path: str, max_length: int):
-        from prdp_jax.errors import WeightsError
+        from prdp_jax.infra.errors import WeightsError
         try:
             from transformers import CLIPTokenizer as HFCLIPTokenizer
         except ImportError:

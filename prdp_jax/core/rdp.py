@@ -16,8 +16,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from prdp_jax import diffusion
-from prdp_jax.errors import ConfigError
+from prdp_jax.core import diffusion
+from prdp_jax.infra.errors import ConfigError
 
 def aggregate_steps(x: jax.Array, reduction: str) -> jax.Array:
     """[n, T] -> [n], mean or sum over steps."""

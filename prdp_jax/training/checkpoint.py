@@ -12,10 +12,9 @@ from __future__ import annotations
 import os
 from typing import Any, Optional
 
-import jax
 import orbax.checkpoint as ocp
 
-from prdp_jax.errors import CheckpointError
+from prdp_jax.infra.errors import CheckpointError
 
 FORMAT = "prdp-jax/1"
 

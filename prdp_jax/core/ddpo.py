@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prdp_jax.errors import ConfigError
+from prdp_jax.infra.errors import ConfigError
 
 NORMALIZATIONS = ("per_prompt", "batch")
 

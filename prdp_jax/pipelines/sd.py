@@ -1,5 +1,5 @@
 """The Stable Diffusion pipeline (`model.source = "diffusers"`): a local diffusers folder's UNet,
-VAE, CLIP text encoder, tokenizer and scheduler, as a `pipeline.Pipeline`. A pixel-space folder
+VAE, CLIP text encoder, tokenizer and scheduler, as a `base.Pipeline`. A pixel-space folder
 (the embedded world's base: no VAE, a word tokenizer) is read by the same code.
 
 Latents are (H/f, W/f, C) for images of `model.resolution` (default: the UNet's sample_size x the
@@ -16,16 +16,15 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh
 
-from prdp_jax import sharding
-from prdp_jax.errors import ConfigError
+from prdp_jax.infra import sharding
+from prdp_jax.infra.errors import ConfigError
 from prdp_jax.models import diffusers_folder
+from prdp_jax.models.tokenizers import CLIPTokenizer, WordTokenizer
 from prdp_jax.models.vae import AutoencoderKL
-from prdp_jax.pipeline import DTYPES, Pipeline, pixel_decode
-from prdp_jax.text import CLIPTokenizer, WordTokenizer
+from prdp_jax.pipelines.base import DTYPES, Pipeline, pixel_decode, register_source
 
 
 def latent_shape(folder: diffusers_folder.Folder, resolution: int) -> tuple[int, int, int]:
@@ -44,6 +43,7 @@ def _put_tree(tree, shardings):
     return jax.tree.map(lambda a, s: sharding.put(a, s), tree, shardings)
 
 
+@register_source("diffusers")
 def build(config: ml_collections.ConfigDict, mesh: Mesh, log=print) -> Pipeline:
     """The Pipeline of the folder at `config.model.path` (reads configs only; weights on demand)."""
     m = config.model
@@ -93,12 +93,12 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, log=print) -> Pipeline:
 
     vae = folder.vae
 
-    def decode(frozen, latents: jax.Array) -> jax.Array:
+    def vae_decode(frozen, latents: jax.Array) -> jax.Array:
         """(frozen params, latents [B, h, w, C]) -> images [B, h*f, w*f, 3] float32 in [0, 1]."""
         return vae.apply({"params": frozen["vae"]}, latents, method=AutoencoderKL.decode_latents)
 
+    decode = vae_decode if vae is not None else pixel_decode
     if vae is None:
-        decode = pixel_decode
         log(f"pixel-space model from {folder.path}: images {shape}, UNet {m.dtype} activations, "
             f"{m.param_dtype} weights")
     else:

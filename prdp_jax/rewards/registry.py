@@ -1,0 +1,34 @@
+"""The reward registry (a leaf: plugins import it to register, nothing here imports them).
+
+A reward is a factory `(config) -> Reward`, registered by name; a `Reward` wraps a function
+
+    reward(images, prompts, metadata) -> (rewards [B] float32, info: dict of [B] arrays)
+
+that runs on the host (numpy images) or, if `on_device`, on the sharded device batch.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+RewardFn = Callable[[Any, Sequence[str], Sequence[dict]], tuple[Any, dict]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Reward:
+    fn: RewardFn
+    on_device: bool = False
+
+    def __call__(self, images, prompts, metadata):
+        return self.fn(images, prompts, metadata)
+
+
+REGISTRY: dict[str, Callable[[Any], Reward]] = {}
+
+
+def register(name: str):
+    """Decorator: registers a reward factory `(config) -> Reward` under `name`."""
+    def deco(factory: Callable[[Any], Reward]):
+        REGISTRY[name] = factory
+        return factory
+    return deco
