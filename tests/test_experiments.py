@@ -11,6 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FINDINGS = ("small_scale", "large_scale", "clipping", "beta", "online_offline")
 
 
+@pytest.mark.slow
 def test_quick_experiments_write_every_finding(tmp_path):
     runs, out = tmp_path / "runs", tmp_path / "runs" / "results"
     proc = subprocess.run([sys.executable, "-m", "prdp_jax.experiments", "all", "--quick",
@@ -39,6 +40,7 @@ def test_quick_experiments_write_every_finding(tmp_path):
 
 
 def test_reference_evaluation_key_ignores_the_method_and_reads_the_evaluation():
+    from prdp_jax import config as config_lib
     from prdp_jax.experiments import findings, runner
     size = runner.SIZES["quick"]
     prdp = runner.run_config(size, "small", findings.Arm("PRDP", {"method": "prdp"}), 0, {})
@@ -52,7 +54,7 @@ def test_reference_evaluation_key_ignores_the_method_and_reads_the_evaluation():
                          ("train.microbatch_steps", 1),
                          ("prompts.files.hpdv2_anime", "/anime.json")]:
         other = runner.run_config(size, "small", findings.Arm("PRDP", {"method": "prdp"}), 0, {})
-        runner.set_field(other, field, value)
+        config_lib.set_field(other, field, value)
         assert runner.reference_key(other) != key, field
 
 

@@ -21,6 +21,7 @@ from jax.sharding import Mesh
 
 from prdp_jax.infra import sharding
 from prdp_jax.infra.errors import ConfigError
+from prdp_jax.infra.registry import registrar
 from prdp_jax.models.text_encoder import TextEncoder
 from prdp_jax.models.tokenizers import WordTokenizer
 from prdp_jax.models.unet import UNet
@@ -30,12 +31,8 @@ Source = Callable[[ml_collections.ConfigDict, Mesh, Callable], "Pipeline"]
 SOURCES: dict[str, Source] = {}
 
 
-def register_source(name: str):
-    """Decorator: registers a pipeline source `(config, mesh, log) -> Pipeline` as `name`."""
-    def deco(fn: Source) -> Source:
-        SOURCES[name] = fn
-        return fn
-    return deco
+# @register_source(name) on a function `(config, mesh, log) -> Pipeline` registers a source.
+register_source = registrar(SOURCES)
 
 
 @dataclasses.dataclass

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+from prdp_jax.infra.registry import registrar
+
 # The 45 common animals of DDPO's and PRDP's small-scale experiments.
 ANIMALS = (
     "cat dog horse monkey rabbit zebra spider bird sheep deer cow goat lion tiger bear raccoon fox "
@@ -17,12 +19,8 @@ PromptSet = Callable[[object], list]
 REGISTRY: dict[str, PromptSet] = {}
 
 
-def register(name: str):
-    """Decorator: registers a prompt set `(config) -> list[str]` under `name`."""
-    def deco(fn: PromptSet) -> PromptSet:
-        REGISTRY[name] = fn
-        return fn
-    return deco
+# @register(name) on a function `(config) -> list[str]` registers it as a prompt set.
+register = registrar(REGISTRY)
 
 
 @register("animals")

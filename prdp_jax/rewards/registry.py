@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Sequence
 
+from prdp_jax.infra.registry import registrar
+
 RewardFn = Callable[[Any, Sequence[str], Sequence[dict]], tuple[Any, dict]]
 
 
@@ -26,9 +28,5 @@ class Reward:
 REGISTRY: dict[str, Callable[[Any], Reward]] = {}
 
 
-def register(name: str):
-    """Decorator: registers a reward factory `(config) -> Reward` under `name`."""
-    def deco(factory: Callable[[Any], Reward]):
-        REGISTRY[name] = factory
-        return factory
-    return deco
+# @register(name) on a factory `(config) -> Reward` registers a reward.
+register = registrar(REGISTRY)
