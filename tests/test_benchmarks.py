@@ -6,6 +6,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 import torch
 
 from benchmarks import cases, ours, theirs
@@ -27,6 +28,7 @@ def test_torch_rdp_loss_is_ours():
     np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_torch_update_gradient_equals_ours():
     """On the same weights and stored trajectories, the PyTorch update's gradient (diffusers UNet,
     NCHW, tiles, autograd) equals our trainer's exact microbatched gradient."""
@@ -55,6 +57,7 @@ def test_torch_update_gradient_equals_ours():
     assert (num / den) ** 0.5 < 1e-4
 
 
+@pytest.mark.slow
 def test_quick_benchmark_writes_every_measurement(tmp_path):
     out = tmp_path / "bench"
     proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", f"--out={out}"],

@@ -41,6 +41,7 @@ def load_all(path, variant=""):
     return f.load_unet(), f.load_vae(), f.load_text_encoder()
 
 
+@pytest.mark.slow
 def test_bad_layouts_are_refused(folder, tmp_path):
     with pytest.raises(WeightsError, match="not a directory"):
         diffusers_folder.open_folder(str(tmp_path / "nope"))
@@ -62,6 +63,7 @@ def test_bad_layouts_are_refused(folder, tmp_path):
         diffusers_folder.open_folder(folder)
 
 
+@pytest.mark.slow
 def test_missing_and_corrupt_weights_are_refused(folder):
     unet_file = os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors")
     with open(unet_file, "r+b") as f:
@@ -76,6 +78,7 @@ def test_missing_and_corrupt_weights_are_refused(folder):
         diffusers_folder.open_folder(folder)
 
 
+@pytest.mark.slow
 def test_config_and_weights_that_disagree_name_key_and_shapes(folder):
     edit_json(os.path.join(folder, "unet", "config.json"), block_out_channels=[24, 32])
     with pytest.raises(WeightsError, match=r"unet[/\\]diffusion_pytorch_model\.safetensors: key "
@@ -92,6 +95,7 @@ def test_config_and_weights_that_disagree_name_key_and_shapes(folder):
         diffusers_folder.open_folder(folder)
 
 
+@pytest.mark.slow
 def test_fp16_variant_bf16_tensors_and_bin_without_torch(folder, pristine, monkeypatch):
     import torch
     from safetensors.torch import load_file, save_file
@@ -137,6 +141,7 @@ def sd_config(path, **overrides):
     return override(c, **overrides)
 
 
+@pytest.mark.slow
 def test_pipeline_weights_and_decode_are_sharded(pristine):
     config = sd_config(pristine, **{"mesh.devices": 8, "mesh.data": 2, "mesh.fsdp": 4,
                                     "mesh.fsdp_min_size": 256})

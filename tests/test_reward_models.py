@@ -501,6 +501,7 @@ def test_combine_on_device_and_mixed_with_host(clip_folder):
     np.testing.assert_allclose(total, info["pickscore"] - 0.5 * jpeg_kilobytes(images), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_trainer_samples_with_on_device_reward(clip_folder):
     """The trainer's sampling hands its device images to a combined on-device + host reward."""
     from conftest import tiny_config

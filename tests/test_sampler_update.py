@@ -62,6 +62,7 @@ def test_sampler_records_the_log_probs_of_its_own_transitions():
     np.testing.assert_allclose(rescore(traj.latents), traj.log_probs, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_deterministic_final_step_outputs_the_clean_prediction():
     """With a deterministic last step the chain holds T-1 policy transitions (the same draws as the
     full chain's first T-1) and `final` is the last step's clean prediction, not a latent."""
@@ -158,8 +159,8 @@ def rel_err(a, b):
 
 @pytest.mark.parametrize("objective,tile,reduce", [
     ("prdp-mean", (4, 2), "mean"),   # 2 does not divide T=5: the last step tile is padded
-    ("prdp-sum", (8, 5), "sum"),
-    ("ddpo", (4, 3), "mean"),
+    pytest.param("prdp-sum", (8, 5), "sum", marks=pytest.mark.slow),
+    pytest.param("ddpo", (4, 3), "mean", marks=pytest.mark.slow),
 ])
 def test_microbatched_gradient_is_exact(objective, tile, reduce):
     mb, uncond, coeffs = minibatch()
@@ -182,6 +183,7 @@ def test_microbatched_gradient_is_exact(objective, tile, reduce):
     assert rel_err(grads, want) < 1e-5
 
 
+@pytest.mark.slow
 def test_gradient_of_a_trainable_subset_is_the_full_gradient_there_and_zero_elsewhere():
     mb, uncond, coeffs = minibatch()
     _, params = params_pair()
@@ -239,6 +241,7 @@ def grad_step_temp_bytes(num_steps, images):
     return compiled.memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.slow
 def test_gradient_memory_does_not_grow_with_steps_or_images():
     base = grad_step_temp_bytes(10, 4)
     assert grad_step_temp_bytes(50, 4) <= base * 1.05

@@ -50,6 +50,7 @@ def rows(workdir):
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_fsdp_shards_params_optimizer_and_reference_and_trains_like_data_parallel(tmp_path):
     """mesh.fsdp=8: every large parameter, both AdamW moments and the frozen reference hold 1/8
     of their elements per device, and two epochs give the params of the data-parallel mesh
@@ -76,6 +77,7 @@ def test_fsdp_shards_params_optimizer_and_reference_and_trains_like_data_paralle
     assert rel_err(host(state.params), host(results["data"]["state"].params)) < 1e-5
 
 
+@pytest.mark.slow
 def test_two_processes_of_four_devices_equal_one_process_of_eight(tmp_path):
     """Two PRDP epochs through launch/local.sh (2 simulated hosts x 4 CPU devices, gloo) give the
     params of the same run in one process over 8 devices, and the same rewards.
@@ -144,6 +146,7 @@ def latest(workdir):
     return max(steps, default=0)
 
 
+@pytest.mark.slow
 def test_killed_at_random_times_resumes_to_the_straight_run(tmp_path):
     """kill -9 and SIGTERM, each during startup and within the epochs, at random moments, each
     followed by a resume, end with params bitwise equal to an uninterrupted run's and the same
@@ -198,6 +201,7 @@ def test_killed_at_random_times_resumes_to_the_straight_run(tmp_path):
                 == [[r[k] for k in keys] for r in rows(tmp_path / "straight")])
 
 
+@pytest.mark.slow
 def test_unreachable_coordinator_fails_in_bounded_time_with_one_line(tmp_path):
     import socket
     with socket.socket() as s:

@@ -48,6 +48,7 @@ def run(tmp_path_factory):
     return dict(folder=folder, workdir=workdir, result=result, logs=logs, root=root)
 
 
+@pytest.mark.slow
 def test_one_prdp_epoch_on_tiny_sd(run):
     result, workdir = run["result"], run["workdir"]
     assert any("Stable Diffusion from" in line for line in run["logs"])
@@ -78,6 +79,7 @@ def test_one_prdp_epoch_on_tiny_sd(run):
     assert 0.0 <= float(images.min()) and float(images.max()) <= 1.0
 
 
+@pytest.mark.slow
 def test_export_round_trips_through_diffusers(run, tmp_path):
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     out = str(tmp_path / "exported")

@@ -38,6 +38,7 @@ def rel_err(a, b):
     return (num / sum(float(np.sum(np.asarray(y) ** 2)) for y in b)) ** 0.5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["prdp", "ddpo"])
 def test_one_device_equals_eight_devices(method):
     """Given the same sampled epoch, loss, gradient and one update agree across mesh sizes."""
@@ -77,6 +78,7 @@ def test_one_device_equals_eight_devices(method):
     assert rel_err(eight["params"], one["params"]) < 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["prdp", "ddpo"])
 def test_resume_is_exact(tmp_path, method):
     straight = loop.train_and_evaluate(tiny_config(method, **{"train.epochs": 4}),
@@ -122,6 +124,7 @@ def test_trainable_subset_is_adamw_on_that_subset_alone():
         state_lib.make_optimizer(tiny_config(**{"train.trainable": "lora"})).init(params)
 
 
+@pytest.mark.slow
 def test_trainable_subset_trains_checkpoints_and_resumes(tmp_path):
     """A run that finetunes only the cross-attention keeps every other UNet param at the base,
     through an Orbax save and restore of its partial optimiser state."""
@@ -148,6 +151,7 @@ def test_trainable_subset_trains_checkpoints_and_resumes(tmp_path):
                for line in logs)
 
 
+@pytest.mark.slow
 def test_offline_sampling_draws_from_the_reference(tmp_path):
     """Offline RDP samples every epoch from the frozen reference: its rewards are those of an
     online run whose parameters never move (learning rate 0), while its own parameters train."""
@@ -164,6 +168,7 @@ def test_offline_sampling_draws_from_the_reference(tmp_path):
     assert rel_err(rows["offline_params"], rows["frozen_params"]) > 1e-4
 
 
+@pytest.mark.slow
 def test_bad_checkpoints_are_refused_with_one_line(tmp_path):
     config = tiny_config(**{"train.epochs": 1})
     workdir = tmp_path / "run"
@@ -206,6 +211,7 @@ def test_impossible_batches_are_refused():
         build(config)
 
 
+@pytest.mark.slow
 def test_jpeg_reward_rises_in_a_short_run(tmp_path):
     """The README's first config: PRDP from a random init raises JPEG compressibility."""
     config = load_config("jpeg_tiny")

@@ -145,6 +145,7 @@ def tiny_base(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_pretraining_resumes_bitwise(tmp_path, tiny_base, monkeypatch):
     """Pretraining killed in step 5 of 6 (saved at 4) and rerun writes the same weights, byte for
     byte, as an uninterrupted run."""
@@ -174,6 +175,7 @@ def test_pretraining_resumes_bitwise(tmp_path, tiny_base, monkeypatch):
         assert (tmp_path / "b" / rel).read_bytes() == (tiny_base / rel).read_bytes()
 
 
+@pytest.mark.slow
 def test_pretrain_finetune_evaluate_smoke(tmp_path, tiny_base):
     logs = []
     out = loop.train_and_evaluate(tiny_world_config(tiny_base), str(tmp_path / "run"),
@@ -216,6 +218,7 @@ def test_pretrain_finetune_evaluate_smoke(tmp_path, tiny_base):
     assert other["before"][f"file:{captions}"]["samples_per_prompt"] == 3
 
 
+@pytest.mark.slow
 def test_world_base_refuses_altered_files_and_other_worlds(tmp_path, tiny_base):
     import shutil
 
@@ -247,6 +250,7 @@ def test_world_base_refuses_altered_files_and_other_worlds(tmp_path, tiny_base):
         base.open_base(tiny_world_config(tmp_path / "nothing"))
 
 
+@pytest.mark.slow
 def test_captions_outside_the_grammar_stop_before_any_work(tmp_path, tiny_base):
     captions = tmp_path / "captions.txt"
     captions.write_text("a small red square at the top left on a black background\n"
