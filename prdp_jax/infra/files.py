@@ -41,7 +41,7 @@ def read_json(path: str, *, field: str = "", missing_ok: bool = False,
     if not os.path.isfile(path):
         if missing_ok:
             return None
-        raise error(f"{path}: file not found; it does not exist{where}")
+        raise error(f"{path}: file not found{where}")
     try:
         with open(path) as f:
             value = json.load(f)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from prdp_jax.infra.errors import ConfigError
-from prdp_jax.prompts import registry
+from prdp_jax.prompts import files, registry
 
 
 def names() -> tuple[str, ...]:
@@ -23,7 +23,6 @@ def load(name: str, config=None) -> list[str]:
     """The prompts of a registered set, a file preset (`files.PRESETS`, path from
     `config.prompts.files`) or a `file:PATH[#FIELD]` spec; one clear error for an unknown name or
     an empty set."""
-    from prdp_jax.prompts import files
     if name.startswith("file:"):
         return files.load_spec(name, config)
     if name in files.PRESETS:

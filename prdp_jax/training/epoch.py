@@ -74,7 +74,8 @@ def make_setup(config: ml_collections.ConfigDict, pipe: "Pipeline", mesh: Mesh) 
     optimizer = state_lib.make_optimizer(config)
     steps = steps_lib.build_steps(ctx, shape, sh, t.trainable, optimizer,
                                   state_lib.make_objective(config))
-    count = max(shape.minibatches, tiling.num_tiles, tiling.trajectories, coeffs.num_stochastic) + 1
+    # Indices the steps take: minibatch m, trajectory tile j and step tile c.
+    count = max(shape.minibatches, tiling.num_trajectory_tiles, tiling.num_step_tiles)
     return Setup(config=config, pipe=pipe, mesh=mesh, shape=shape, ctx=ctx, shardings=sh,
                  optimizer=optimizer, steps=steps,
                  index=tuple(steps_lib.scalars(count, sh.replicated)))
