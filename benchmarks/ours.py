@@ -128,9 +128,9 @@ class Setup:
         carry = {"params": state.params, "opt": state.opt_state}
 
         def step():
-            _, grads, _ = epoch_lib.minibatch_gradient(t, carry["params"], data, self.uncond, 0)
-            carry["params"], carry["opt"], norm = t.steps.apply(carry["params"], carry["opt"],
-                                                                grads)
+            loss, grads, _ = epoch_lib.minibatch_gradient(t, carry["params"], data, self.uncond, 0)
+            carry["params"], carry["opt"], norm, _ = t.steps.apply(carry["params"], carry["opt"],
+                                                                   grads, loss)
             return norm
 
         return step

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import re
 import types
@@ -18,6 +19,7 @@ from prdp_jax.infra.errors import ConfigError
 
 METHODS = ("prdp", "ddpo")
 SAMPLING = ("online", "offline")
+FALLBACKS = ("none", "previous")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -217,13 +219,19 @@ def base_config() -> ml_collections.ConfigDict:
     e.seed = 2024                   # Evaluation noise seed, shared by every method and run.
     e.shuffled_control = False      # Also score each image against another prompt's caption: a
                                     # caption-blind model scores the same on both.
+    e.drift_prompts = 0             # Drift from the reference on only the first this many prompts
+                                    # of a set (0 = all): it costs a scoring pass as long as the
+                                    # sampling.
     e.every_epochs = 0              # Also evaluate every this many epochs (0 = before/after only);
                                     # results join that epoch's metrics row as eval/<set>/...
 
     # ---- Checkpoints, logging ----
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_epochs = 1   # Save every this many epochs (and at the end).
-    c.checkpoint.max_to_keep = 3    # Checkpoints kept.
+    c.checkpoint.max_to_keep = 3    # Checkpoints kept (>= 1).
+    c.checkpoint.fallback = "none"  # A latest checkpoint that fails its checksums: "none" stops
+                                    # with an error; "previous" resumes from the newest one that
+                                    # passes (the corrupt one is moved to checkpoints_corrupt/).
     c.log = ml_collections.ConfigDict()
     c.log.grid_every_epochs = 10    # Save a captioned PNG grid of samples every this many epochs.
     c.log.grid_prompts = 4          # Prompts in the grid (rows).
@@ -252,8 +260,14 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if c.sample.batch_size and total % c.sample.batch_size:
         raise ConfigError(f"sample.batch_size={c.sample.batch_size} must divide the "
                           f"{total} trajectories of an epoch (prompts_per_epoch x images_per_prompt)")
-    if c.prdp.beta <= 0:
-        raise ConfigError(f"prdp.beta must be > 0, got {c.prdp.beta}")
+    for name, value in (("train.learning_rate", t.learning_rate), ("prdp.beta", c.prdp.beta),
+                        ("train.max_grad_norm", t.max_grad_norm), ("train.adam_eps", t.adam_eps)):
+        _finite(name, value, "> 0", value > 0)
+    _finite("train.weight_decay", t.weight_decay, ">= 0", t.weight_decay >= 0)
+    _finite("sample.guidance_scale", c.sample.guidance_scale,
+            ">= 0 (1 is no guidance, 0 the unconditional model)", c.sample.guidance_scale >= 0)
+    for name, weight in dict(c.reward.weights).items():
+        _finite(f"reward.weights.{name}", weight, "(not 0)", weight != 0)
     if not c.prdp.clip_eps > 0:
         raise ConfigError(f"prdp.clip_eps must be > 0 (inf disables the clip), got {c.prdp.clip_eps}")
     if not c.ddpo.clip_range > 0:
@@ -265,6 +279,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"train.trainable={t.trainable!r} is not a valid regex: {e}") from None
     if c.train.sampling not in SAMPLING:
         raise ConfigError(f"train.sampling must be one of {SAMPLING}, got {c.train.sampling!r}")
+    if c.eval.drift_prompts < 0:
+        raise ConfigError(f"eval.drift_prompts must be >= 0 (0 = all), got {c.eval.drift_prompts}")
     if c.eval.every_epochs < 0:
         raise ConfigError(f"eval.every_epochs must be >= 0, got {c.eval.every_epochs}")
     if c.prdp.step_reduction not in ("mean", "sum"):
@@ -286,6 +302,22 @@ def validate(c: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"mesh.devices must be 0 (all) or a positive count, got {c.mesh.devices}")
     if c.checkpoint.every_epochs < 1:
         raise ConfigError(f"checkpoint.every_epochs must be >= 1, got {c.checkpoint.every_epochs}")
+    if c.checkpoint.max_to_keep < 1:
+        raise ConfigError(f"checkpoint.max_to_keep must be >= 1 (the run resumes from its latest "
+                          f"checkpoint), got {c.checkpoint.max_to_keep}")
+    if c.checkpoint.fallback not in FALLBACKS:
+        raise ConfigError(f"checkpoint.fallback must be one of {FALLBACKS}, "
+                          f"got {c.checkpoint.fallback!r}")
+
+
+def _finite(name: str, value, requirement: str, holds: bool) -> None:
+    """Refuses a value that is not a finite number meeting `requirement`."""
+    try:
+        finite = math.isfinite(float(value))
+    except (TypeError, ValueError):
+        finite = False
+    if not finite or not holds:
+        raise ConfigError(f"{name} must be a finite number {requirement}, got {value!r}")
 
 
 # The repository's configs/ folder (configs/<name>.py, each with one get_config(recipe)).

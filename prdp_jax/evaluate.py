@@ -16,6 +16,7 @@ import ml_collections
 
 from prdp_jax import config as config_lib
 from prdp_jax.infra import files, sharding
+from prdp_jax.infra.cli import fail, run_command
 from prdp_jax.pipelines.factory import build_pipeline
 from prdp_jax.prompts import sets as prompt_sets
 from prdp_jax.rewards import combine as rewards_lib
@@ -68,7 +69,6 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | None, 
 
 def main(argv=None) -> None:
     import argparse
-    import sys
 
     from prdp_jax import export
     from prdp_jax.infra import runtime
@@ -89,10 +89,6 @@ def main(argv=None) -> None:
     parser.add_argument("--max_prompts", type=int, default=None, help="first N prompts of a set")
     parser.add_argument("--out", help="JSON file to write (grids go beside it)")
     args = parser.parse_args(argv)
-
-    def fail(message: str):
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
 
     try:
         if args.workdir:
@@ -118,4 +114,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

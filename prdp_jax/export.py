@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import shutil
-import sys
 from typing import Any, Optional
 
 import jax
@@ -23,6 +22,7 @@ import ml_collections
 import numpy as np
 
 from prdp_jax.infra import files
+from prdp_jax.infra.cli import fail, run_command
 from prdp_jax.infra.errors import CheckpointError, ConfigError, UserError
 
 UNET_DIR = "unet"
@@ -191,9 +191,8 @@ def main(argv=None) -> None:
     try:
         export(args.workdir, args.out, args.epoch, args.full, args.dtype)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail(str(e))
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

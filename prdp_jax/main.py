@@ -9,7 +9,6 @@ stopped by SIGTERM checkpoints, says how far it got and exits 143; rerunning it 
 from __future__ import annotations
 
 import os
-import re
 import signal
 import sys
 
@@ -22,42 +21,12 @@ if __name__ == "__main__":
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from prdp_jax.infra.cli import fail, parse_flags, run_command
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, optionally ':recipe'.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics and samples go here "
                     "(default: runs/<config name>[-<recipe>]).")
-
-
-def fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def one_line(e: BaseException) -> str:
-    """A readable single line from the exceptions that config parsing raises."""
-    text = str(e.args[0] if isinstance(e, (KeyError, AttributeError)) and e.args else e)
-    text = text.replace("\\n", " ").replace("\\'", "'").replace("\n", " ")
-    return re.sub(r"\s+", " ", text).strip(" '\"")
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    from prdp_jax.infra.errors import UserError
-    try:
-        rest = FLAGS(argv)
-    except UserError as e:
-        fail(str(e))
-    except flags.Error as e:
-        fail(one_line(e))
-    except (AttributeError, KeyError, TypeError, ValueError, OSError) as e:
-        fail(f"bad --config or override: {one_line(e)}")
-    if FLAGS.config is None:
-        fail("--config is required, e.g. --config configs/jpeg_tiny.py")
-    try:
-        FLAGS.config.keys()  # a config file that failed to load raises only when first used
-    except OSError as e:
-        last = [line.strip() for line in str(e).splitlines() if line.strip()][-1]
-        fail(f"cannot load --config {FLAGS['config'].config_filename}: {last}")
-    return rest
 
 
 def default_workdir(config_arg: str) -> str:
@@ -87,4 +56,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    run_command(app.run, main, flags_parser=parse_flags)

@@ -65,7 +65,7 @@ def test_one_device_equals_eight_devices(method):
         # A step after theta moved, so the clip and the max are both active.
         params = jax.tree.map(lambda p: p * 1.02, state.params)
         loss, grads, aux = epoch_lib.minibatch_gradient(trainer, params, epoch_data, sampled.uncond, 1)
-        new_params, _, _ = trainer.steps.apply(params, state.opt_state, grads)
+        new_params, _, _, _ = trainer.steps.apply(params, state.opt_state, grads, loss)
         assert len(jax.tree.leaves(new_params)[0].sharding.device_set) == devices
         results[devices] = host(dict(loss=loss, grads=grads, params=new_params, aux=aux,
                                      old=epoch_data.log_probs_old, ref=epoch_data.log_probs_ref))

@@ -7,15 +7,20 @@ import json
 import os
 from typing import Any, Optional, Type
 
-from prdp_jax.infra.errors import UserError, WeightsError
+from prdp_jax.infra.errors import OutputError, UserError, WeightsError
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """Writes `data` to a temporary name beside `path` and renames it into place."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise OutputError(f"cannot write {path} ({e.strerror or e})") from None
 
 
 def atomic_write_json(path: str, obj: Any) -> None:

@@ -6,6 +6,7 @@ Only process 0 writes; on other processes every method is a no-op. Files are wri
 from __future__ import annotations
 
 import json
+import math
 import os
 import textwrap
 from typing import Mapping, Sequence
@@ -14,6 +15,7 @@ import jax
 import numpy as np
 from PIL import Image, ImageDraw
 
+from prdp_jax.infra.errors import OutputError
 from prdp_jax.infra.files import atomic_save_image, atomic_write_bytes
 
 
@@ -32,20 +34,52 @@ class MetricWriter:
         if not self.enabled:
             return
         row = {"epoch": int(step), **{k: _plain(v) for k, v in metrics.items()}}
-        with open(self.jsonl_path, "a") as f:
-            f.write(json.dumps(row, sort_keys=True) + "\n")
-        for k, v in row.items():
-            if isinstance(v, (int, float)) and k != "epoch":
-                self._tb.add_scalar(k, v, step)
+        self._add_scalars(row)
         self._tb.flush()
+        # Strict JSON: a NaN or Inf is written as null and its key listed under "nonfinite".
+        bad = sorted(k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v))
+        if bad:
+            row.update({k: None for k in bad}, nonfinite=bad)
+        line = json.dumps(row, sort_keys=True, allow_nan=False) + "\n"
+        try:
+            with open(self.jsonl_path, "a") as f:
+                f.write(line)
+        except OSError as e:
+            raise OutputError(f"cannot append to {self.jsonl_path} ({e.strerror or e})") from None
 
     def truncate_after(self, epoch: int) -> None:
-        """Drops JSONL rows past `epoch` (after a resume from an earlier checkpoint)."""
-        if not self.enabled or not os.path.exists(self.jsonl_path):
+        """Drops every row past `epoch` (on a start or resume: the state on disk holds `epoch`
+        epochs), from metrics.jsonl and TensorBoard alike, so that each epoch appears once.
+
+        TensorBoard's event files are append-only: they are replaced by one rebuilt from the
+        rows kept."""
+        if not self.enabled:
             return
-        with open(self.jsonl_path) as f:
-            rows = [line for line in f if line.strip() and json.loads(line)["epoch"] <= epoch]
-        atomic_write_bytes(self.jsonl_path, "".join(rows).encode())
+        rows = []
+        if os.path.exists(self.jsonl_path):
+            with open(self.jsonl_path) as f:
+                rows = [json.loads(line) for line in f if line.strip()]
+        kept = [r for r in rows if r["epoch"] <= epoch]
+        if len(kept) == len(rows) and not kept:
+            return
+        atomic_write_bytes(self.jsonl_path,
+                           "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept).encode())
+        self._tb.close()
+        tb_dir = os.path.join(self.workdir, "tensorboard")
+        for name in os.listdir(tb_dir):
+            if name.startswith("events.out.tfevents."):
+                os.remove(os.path.join(tb_dir, name))
+        from tensorboardX import SummaryWriter
+        self._tb = SummaryWriter(tb_dir)
+        for r in kept:
+            self._add_scalars(r)
+        self._tb.flush()
+
+    def _add_scalars(self, row: Mapping) -> None:
+        for k, v in row.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "epoch" \
+                    and math.isfinite(v):
+                self._tb.add_scalar(k, v, row["epoch"])
 
     def close(self) -> None:
         if self._tb is not None:

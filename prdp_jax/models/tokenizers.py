@@ -11,7 +11,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from prdp_jax.infra.errors import PromptError
+from prdp_jax.infra.errors import PromptError, shorten
 
 _WORD = re.compile(r"[a-z0-9]+")
 
@@ -65,10 +65,10 @@ class WordTokenizer:
             toks = words(prompt)
             unknown = [w for w in toks if w not in self.ids]
             if unknown:
-                raise PromptError(f"prompt {prompt!r}: unknown word {unknown[0]!r} (not in the "
+                raise PromptError(f"prompt {shorten(prompt)}: unknown word {shorten(unknown[0], 40)} (not in the "
                                   f"tokenizer's {len(self.vocab)}-word vocabulary)")
             if len(toks) + 2 > self.max_length:
-                raise PromptError(f"prompt {prompt!r} has {len(toks)} words; at most "
+                raise PromptError(f"prompt {shorten(prompt)} has {len(toks)} words; at most "
                                   f"{self.max_length - 2} fit")
             ids = [self.bos_id] + [self.ids[w] for w in toks] + [self.eos_id]
             out[row, :len(ids)] = ids

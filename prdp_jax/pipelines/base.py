@@ -68,16 +68,20 @@ class Pipeline:
     def check_prompts(self, prompts: Sequence[str], where: str) -> None:
         """Tokenizes (and, for the world, parses) every prompt of a set up front: one error naming
         the set, the prompt's index and the prompt, before any work is done."""
-        from prdp_jax.infra.errors import PromptError
+        from prdp_jax.infra.errors import PromptError, shorten
         if self.validate_prompt is None and not isinstance(self.tokenizer, WordTokenizer):
             return  # a CLIP tokenizer takes any text (and truncates)
         for i, prompt in enumerate(prompts):
             try:
-                self.tokenizer([prompt])
+                ids = self.tokenizer([prompt])
+                if isinstance(self.tokenizer, WordTokenizer) and not (ids > 2).any():
+                    raise PromptError(f"prompt {shorten(prompt)} has no word the tokenizer knows "
+                                      f"(it would train as the empty, unconditional prompt)")
                 if self.validate_prompt is not None:
                     self.validate_prompt(prompt)
             except PromptError as e:
-                raise PromptError(f"{where}, prompt {i + 1}: {e}") from None
+                raise PromptError(f"{where}, prompt {i + 1} (counting non-empty lines or "
+                                  f"records): {e}") from None
 
     def denoiser(self, params, x, t, context):
         """(params, x [B,H,W,C], t [B], context [B,L,D]) -> [B,H,W,C] model output."""

@@ -23,11 +23,13 @@ import ml_collections
 import numpy as np
 
 from prdp_jax.core import ddpo
+from prdp_jax.infra.errors import NonFiniteError
 from prdp_jax.infra.progress import progress
 from prdp_jax.rewards import combine as rewards_lib
 from prdp_jax.training.epoch import (EpochSamples, Setup, known_log_probs, minibatch_gradient,
                                      reshuffle, sample_and_reward, score_transitions)
 from prdp_jax.training.state import TrainState, epoch_key
+from prdp_jax.training.steps import NONFINITE
 
 
 def advantages_for(config: ml_collections.ConfigDict, tracker: Optional[ddpo.PerPromptStatTracker],
@@ -41,6 +43,27 @@ def advantages_for(config: ml_collections.ConfigDict, tracker: Optional[ddpo.Per
     else:
         adv = ddpo.batch_advantages(rewards)
     return ddpo.clip_advantages(adv, config.ddpo.adv_clip_max)
+
+
+def check_finite_rewards(epoch: int, rewards: np.ndarray) -> None:
+    """Raises `NonFiniteError` if a reward of the epoch is NaN or infinite."""
+    if not np.isfinite(rewards).all():
+        bad = rewards[~np.isfinite(rewards)]
+        raise NonFiniteError(f"epoch {epoch + 1}: the reward is not finite for {bad.size} of "
+                             f"{rewards.size} images (e.g. {bad[0]}); check the reward model and "
+                             f"reward.weights")
+
+
+def check_finite(epoch: int, records: list[dict]) -> None:
+    """Raises `NonFiniteError` if an optimiser step of the epoch was refused (`steps.apply`)."""
+    for step, r in enumerate(records):
+        if int(r["nonfinite"]):
+            what = NONFINITE[int(r["nonfinite"])]
+            value = r["loss"] if int(r["nonfinite"]) == 1 else r["grad_norm"]
+            raise NonFiniteError(
+                f"epoch {epoch + 1}, optimiser step {step + 1}: {what} is not finite"
+                + (f" ({float(value)})" if int(r["nonfinite"]) < 3 else "")
+                + "; the update was refused")
 
 
 def train_epoch(setup: Setup, state: TrainState, frozen, ref_params, prompts: list[str],
@@ -63,6 +86,7 @@ def train_epoch(setup: Setup, state: TrainState, frozen, ref_params, prompts: li
                                 epoch, show_progress, stop_sampling)
     if samples is None:
         return None
+    check_finite_rewards(epoch, samples.rewards)
     advantages = advantages_for(config, tracker, prompts, samples.rewards)   # DDPO only
     # log pi_theta_old(x_{t-1} | x_t, c) and log pi_ref(x_{t-1} | x_t, c) of every transition,
     # in pass 1's shuffled minibatches of N/M prompts x B images.
@@ -78,11 +102,12 @@ def train_epoch(setup: Setup, state: TrainState, frozen, ref_params, prompts: li
         # its exact gradient, tile by tile; at the epoch's first step theta = theta_old.
         loss, grads, aux = minibatch_gradient(setup, params, data, samples.uncond, m,
                                               known_log_probs(setup, data) if k == m == 0 else None)
-        params, opt_state, grad_norm = steps.apply(params, opt_state, grads)   # AdamW step
-        records.append(dict(loss=loss, grad_norm=grad_norm, **aux))
+        params, opt_state, grad_norm, nonfinite = steps.apply(params, opt_state, grads, loss)  # AdamW
+        records.append(dict(loss=loss, grad_norm=grad_norm, nonfinite=nonfinite, **aux))
         if stop_updates is not None and stop_updates():
             return None
     records = jax.device_get(records)
-    metrics = {k: float(np.mean([r[k] for r in records])) for k in records[0]}
+    check_finite(epoch, records)
+    metrics = {k: float(np.mean([r[k] for r in records])) for k in records[0] if k != "nonfinite"}
     metrics.update(info, update_time=time.perf_counter() - t0)
     return state.replace(params=params, opt_state=opt_state), samples, metrics

@@ -3,15 +3,24 @@
 Each checkpoint (one per saved epoch, named by the number of completed epochs) holds two items:
   state: params, optimizer state and the base PRNG key, restored straight into their shardings;
   meta:  JSON with the format marker, the config fingerprint, the prompt sampler position, the
-         DDPO stat tracker and the metrics history needed to continue exactly.
+         DDPO stat tracker, and a checksum of every array of `state`.
 Orbax writes each checkpoint into a temporary directory and renames it when complete, so a crash
-mid-write never leaves a checkpoint that looks valid. The frozen reference is never stored here.
+mid-write never leaves a checkpoint that looks valid; the checksums, computed on device before
+the save and again after every restore, catch bytes changed on disk after that. The frozen
+reference is never stored here.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import re
+import shutil
 from typing import Any, Optional
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from prdp_jax.infra.errors import CheckpointError
@@ -58,10 +67,26 @@ class Checkpointer:
                                   f"point --workdir at a new or prdp-jax directory")
 
     def save(self, epoch: int, state: Any, meta: dict) -> None:
-        meta = dict(meta, format=FORMAT, fingerprint=self.fingerprint, epoch=epoch)
-        self.manager.save(epoch, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
-        self.manager.wait_until_finished()
+        meta = dict(meta, format=FORMAT, fingerprint=self.fingerprint, epoch=epoch,
+                    checksums=checksums(state))
+        try:
+            with _held_logs():
+                self.manager.save(epoch, args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+                self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - Orbax wraps the OSError of a full disk
+            self._remove_temporary()
+            previous = [s for s in self.manager.all_steps() if s < epoch]
+            kept = (f"checkpoint {max(previous)} is intact" if previous else "no checkpoint is kept")
+            raise CheckpointError(f"cannot write {self.what} {epoch} in {self.directory} "
+                                  f"({_root_cause(e)}); {kept}; free space (or fix the directory) "
+                                  f"and rerun the same command to resume") from None
+
+    def _remove_temporary(self) -> None:
+        """Removes Orbax's half-written step folders (`<step>.orbax-checkpoint-tmp-*`)."""
+        for name in _listdir(self.directory):
+            if ".orbax-checkpoint-tmp" in name:
+                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
     def restore(self, epoch: int, abstract_state: Any) -> tuple[Any, dict]:
         """Restores epoch `epoch` into the shardings of `abstract_state` (ShapeDtypeStructs)."""
@@ -82,9 +107,52 @@ class Checkpointer:
             state = self.manager.restore(epoch, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state)))["state"]
         except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"checkpoint {where} cannot be restored ({_one_line(e)}); "
-                                  f"it is corrupted or does not match the model") from None
+            raise CheckpointError(f"checkpoint {where} is corrupted or does not match the model: "
+                                  f"it cannot be restored ({_one_line(e)})"
+                                  f"{self._previous_hint(epoch)}") from None
+        expected = meta.get("checksums")
+        if expected is not None:
+            got = checksums(state)
+            bad = [k for k in expected if got.get(k) != expected[k]]
+            if bad:
+                raise CheckpointError(f"checkpoint {where} is corrupted: {len(bad)} of "
+                                      f"{len(expected)} arrays fail their checksum (first: "
+                                      f"{bad[0]}){self._previous_hint(epoch)}")
         return state, meta
+
+    def _previous_hint(self, epoch: int) -> str:
+        older = [e for e in self.manager.all_steps() if e < epoch]
+        if not older:
+            return ""
+        return (f"; checkpoint {max(older)} is the previous one (resume from it with "
+                f"--config.checkpoint.fallback=previous)")
+
+    def restore_latest(self, abstract_state: Any, fallback: str = "none",
+                       log=print) -> tuple[Optional[int], Any, Optional[dict]]:
+        """(epoch, state, meta) of the latest checkpoint, or (None, None, None) if there is none.
+
+        With fallback="previous", a latest checkpoint that fails to restore or verify is moved to
+        `<directory>_corrupt/` and the next older one is tried (and so on), saying so.
+        """
+        while True:
+            epoch = self.latest_epoch()
+            if epoch is None:
+                return None, None, None
+            try:
+                state, meta = self.restore(epoch, abstract_state)
+                return epoch, state, meta
+            except CheckpointError as e:
+                older = [s for s in self.manager.all_steps() if s < epoch]
+                if fallback != "previous" or not older:
+                    raise
+                aside = os.path.join(self.directory + "_corrupt", str(epoch))
+                if os.path.exists(aside):
+                    shutil.rmtree(aside)
+                os.makedirs(os.path.dirname(aside), exist_ok=True)
+                os.rename(os.path.join(self.directory, str(epoch)), aside)
+                self.manager.reload()
+                log(f"warning: {str(e).split('; checkpoint')[0]}; moved it to {aside} and "
+                    f"falling back to checkpoint {max(older)}")
 
     def close(self) -> None:
         self.manager.wait_until_finished()
@@ -102,6 +170,89 @@ def _differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
     return []
 
 
+def _listdir(path: str) -> list[str]:
+    return os.listdir(path) if os.path.isdir(path) else []
+
+
+def _root_cause(e: BaseException) -> str:
+    """The OS error under Orbax's and TensorStore's wrappers (e.g. 'No space left on device'),
+    else one line."""
+    seen = e
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.strerror:
+            return seen.strerror
+        code = re.search(r"os_error_code='(\d+)'", str(seen))
+        if code:
+            return os.strerror(int(code.group(1)))
+        seen = seen.__cause__ or seen.__context__
+    return _one_line(e)
+
+
+@contextlib.contextmanager
+def _held_logs():
+    """Holds back the log records (absl's logger, which Orbax uses) of a save: a failed save
+    drops them (its error says what happened, in one line); a good one lets them through."""
+    logger = logging.getLogger("absl")
+    held: list[logging.LogRecord] = []
+
+    def hold(record):
+        held.append(record)
+        return False
+
+    logger.addFilter(hold)
+    try:
+        yield
+    finally:
+        logger.removeFilter(hold)
+    for record in held:   # reached only when the save succeeded
+        logger.handle(record)
+
+
 def _one_line(e: BaseException) -> str:
     text = f"{type(e).__name__}: {e}".strip().splitlines()
-    return text[0][:300] if text else type(e).__name__
+    text = text[0].split(" See full TensorStore details")[0] if text else type(e).__name__
+    return text[:200]
+
+
+_MIX = (np.uint32(0x85EBCA6B), np.uint32(0xC2B2AE35), np.uint32(0x9E3779B1))
+
+
+def _leaf_checksum(x: jax.Array) -> jax.Array:
+    """[2] uint32: two position-dependent hashes of every bit of x (sums of a murmur3 mix of
+    each 32-bit word and its index; integer sums are exact, so the result does not depend on
+    the sharding or the reduction order)."""
+    x = jnp.asarray(x)
+    if x.dtype.itemsize == 4:
+        words = jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)
+    elif x.dtype.itemsize == 2:
+        words = jax.lax.bitcast_convert_type(x, jnp.uint16).reshape(-1).astype(jnp.uint32)
+    else:
+        words = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32).reshape(-1)
+    index = jnp.arange(words.size, dtype=jnp.uint32)
+
+    def mix(h):
+        h = h ^ (h >> 16)
+        h = h * _MIX[0]
+        h = h ^ (h >> 13)
+        h = h * _MIX[1]
+        return h ^ (h >> 16)
+
+    return jnp.stack([mix(words + index * _MIX[2]).sum(dtype=jnp.uint32),
+                      mix(words ^ mix(index + _MIX[0])).sum(dtype=jnp.uint32)])
+
+
+@jax.jit
+def _tree_checksums(tree):
+    return jax.tree.map(_leaf_checksum, tree)
+
+
+def checksums(state: Any) -> dict[str, str]:
+    """{leaf path: 16 hex digits}: a checksum of every array of `state`, computed on device
+    (one 8-byte value per array reaches the host)."""
+    sums = _tree_checksums(state)
+    if jax.process_count() > 1:  # each process holds only its shards' arrays
+        from jax.experimental import multihost_utils
+        sums = multihost_utils.process_allgather(sums)
+    leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(sums))[0]
+    return {jax.tree_util.keystr(path): "".join(f"{int(w):08x}" for w in np.asarray(v))
+            for path, v in leaves}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import time
 from typing import Optional
 
@@ -23,7 +24,7 @@ from prdp_jax.core import ddpo
 from prdp_jax.infra import files
 from prdp_jax.infra import metrics as metrics_lib
 from prdp_jax.infra import sharding
-from prdp_jax.infra.errors import ConfigError
+from prdp_jax.infra.errors import ConfigError, NonFiniteError, UserError
 from prdp_jax.infra.progress import progress
 from prdp_jax.pipelines.factory import build_pipeline
 from prdp_jax.prompts import sets as prompt_sets
@@ -59,6 +60,12 @@ class Bookkeeping:
         """After a stop before `epoch`'s updates: `state` still holds `epoch` done epochs."""
         if epoch > 0 and self.saved != epoch:
             self.save(epoch, state, meta)
+
+    def kept(self) -> str:
+        """Where the last good state is (said when a run stops on an error)."""
+        if not self.saved:
+            return "no checkpoint was written"
+        return f"the last good checkpoint, epoch {self.saved}, is kept in {self.checkpointer.directory}"
 
     def preempted(self, epoch: int) -> preemption.Preempted:
         where = (f"the checkpoint of epoch {self.saved} is in {self.checkpointer.directory}"
@@ -117,6 +124,14 @@ def summary(setup: Setup) -> list[str]:
     return lines
 
 
+def likely_cause(config: ml_collections.ConfigDict) -> str:
+    """The usual suspects of a NaN or Inf, with their current values."""
+    beta = (f", prdp.beta={config.prdp.beta:g} too small (the targets are reward differences / "
+            f"beta)" if config.method == "prdp" else "")
+    return (f"likely cause: train.learning_rate={config.train.learning_rate:g} too high{beta}, "
+            f"or a reward giving huge values")
+
+
 def epoch_metrics(samples: EpochSamples, updates: dict, tracker, seconds: float) -> dict:
     """The metrics row of one epoch: rewards (and their parts), update stats, timings."""
     rewards = samples.rewards
@@ -167,10 +182,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
     the epochs only.
     """
     config_lib.validate(config)
-    workdir = prepare_workdir(workdir)
     is_main = jax.process_index() == 0
     say = log if is_main else (lambda *a, **k: None)
-    show = bool(config.log.progress) and is_main
     mesh = sharding.mesh_from_config(config.mesh)
     reward_fn = rewards_lib.combine(dict(config.reward.weights), config)
     train_prompts = prompt_sets.load(config.prompts.train, config)
@@ -181,7 +194,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
     setup = make_setup(config, pipe, mesh)
     for line in summary(setup):
         say(line)
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    created = not os.path.exists(workdir)
+    workdir = prepare_workdir(workdir)
+    try:
+        return run_in_workdir(setup, workdir, reward_fn, train_prompts, say, stop)
+    except UserError:
+        # A run that fails before its first checkpoint leaves no workdir it created.
+        if created and is_main and not any(
+                e.isdigit() for e in _listdir(os.path.join(workdir, "checkpoints"))):
+            shutil.rmtree(workdir, ignore_errors=True)
+        raise
 
+
+def _listdir(path: str) -> list[str]:
+    return os.listdir(path) if os.path.isdir(path) else []
+
+
+def run_in_workdir(setup: Setup, workdir: str, reward_fn, train_prompts: list[str], say,
+                   stop: Optional[preemption.StopSignal]) -> dict:
+    """`train_and_evaluate` after its checks: the workdir exists and the setup is built."""
+    config, pipe, mesh = setup.config, setup.pipe, setup.mesh
+    is_main = jax.process_index() == 0
+    show = bool(config.log.progress) and is_main
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                          config.checkpoint.max_to_keep,
                                          config_lib.fingerprint(config))
@@ -190,12 +225,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
     tracker = (ddpo.PerPromptStatTracker(config.ddpo.buffer_size, config.ddpo.min_count)
                if config.method == "ddpo" else None)
     writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
-    start = checkpointer.latest_epoch()
+    start, state, meta = checkpointer.restore_latest(setup.abstract_state(),
+                                                     config.checkpoint.fallback, log=say)
     book = Bookkeeping(checkpointer, saved=start)
     if start is None:
         state, start = setup.init_state(pipe.unet_params()), 0
+        writer.truncate_after(0)       # rows of a run killed before its first checkpoint
     else:
-        state, meta = checkpointer.restore(start, setup.abstract_state())
         prompt_sampler.position = int(meta["prompt_position"])
         if tracker is not None:
             tracker.load_state_dict(meta["stat_tracker"])
@@ -230,10 +266,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
                 break
             t0 = time.perf_counter()
             prompts = prompt_sampler.sample(config.train.prompts_per_epoch)
-            result = train_epoch(
-                setup, state, frozen, ref_params, prompts, epoch, reward_fn, tracker, show,
-                stop_sampling=stop.requested,
-                stop_updates=stop.requested if book.may_abandon_updates(epoch) else None)
+            try:
+                result = train_epoch(
+                    setup, state, frozen, ref_params, prompts, epoch, reward_fn, tracker, show,
+                    stop_sampling=stop.requested,
+                    stop_updates=stop.requested if book.may_abandon_updates(epoch) else None)
+            except NonFiniteError as e:
+                raise NonFiniteError(f"{e}; {likely_cause(config)}; {book.kept()}") from None
             if result is None:
                 stopped = True
                 break
@@ -247,15 +286,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
                                            "after" if final else f"epoch_{done:05d}", workdir,
                                            show, grids=final)
                 last.update(evaluation.flatten(after))
-            writer.write(done, last)
             say(f"epoch {done}/{config.train.epochs} | reward {last['reward_mean']:.4f} "
                 f"+- {last['reward_std']:.4f} | loss {last['loss']:.4g} "
                 f"| clip {last['clip_frac']:.3f} | drift {last['drift']:.3g} "
                 f"| {last['epoch_time']:.1f}s")
-            if done % config.log.grid_every_epochs == 0 or epoch == 0:
-                save_sample_grid(workdir, done, samples, config)
+            # The checkpoint first: a metrics row never outlives a failed save of its epoch.
             if done % config.checkpoint.every_epochs == 0 or done == config.train.epochs:
                 book.save(done, state, checkpoint_meta())
+            writer.write(done, last)
+            if done % config.log.grid_every_epochs == 0 or epoch == 0:
+                save_sample_grid(workdir, done, samples, config)
         if stopped:
             book.save_stopped(epoch, state, meta)
     finally:

@@ -199,10 +199,25 @@ def grad_tile(ctx: StepContext, trainable: str, params, data: tiled_gradient.Tra
                                   **ctx.policy_kwargs)
 
 
-def apply_gradients(optimizer: optax.GradientTransformation, params, opt_state, grads):
-    """One optimiser step; returns (params, opt_state, global grad norm before clipping)."""
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, optax.tree.norm(grads)
+# What `apply_gradients` found non-finite (0: nothing, the step was applied).
+NONFINITE = ("", "the loss", "the gradient norm", "the parameters after the update")
+
+
+def apply_gradients(optimizer: optax.GradientTransformation, params, opt_state, grads, loss):
+    """One optimiser step, refused when anything is non-finite.
+
+    Returns (params, opt_state, global grad norm before clipping, status): status is an int32
+    index into `NONFINITE` (0: applied); on any other status params and opt_state are returned
+    unchanged, so a NaN or Inf never reaches the state.
+    """
+    grad_norm = optax.tree.norm(grads)
+    updates, new_opt_state = optimizer.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    status = jnp.where(~jnp.isfinite(loss), 1, jnp.where(
+        ~jnp.isfinite(grad_norm), 2, jnp.where(~jnp.isfinite(optax.tree.norm(new_params)), 3, 0)))
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(status == 0, a, b), new, old)
+    return (keep(new_params, params), keep(new_opt_state, opt_state), grad_norm,
+            status.astype(jnp.int32))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,7 +276,7 @@ def build_steps(ctx: StepContext, shape: EpochShape, sh: Shardings, trainable: s
         grad_tile=jax.jit(partial(grad_tile, ctx, trainable),
                           in_shardings=(ps, ep, repl, batch, repl, repl, repl, ps),
                           out_shardings=ps, donate_argnums=7),
-        apply=jax.jit(partial(apply_gradients, optimizer), out_shardings=(ps, None, repl),
+        apply=jax.jit(partial(apply_gradients, optimizer), out_shardings=(ps, None, repl, repl),
                       donate_argnums=(0, 1)),
         # Gradients accumulate in float32 whatever the params' dtype.
         zeros=jax.jit(lambda p: jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), p),
@@ -301,7 +316,7 @@ def compile_steps(steps: Steps, ctx: StepContext, shape: EpochShape, sh: Shardin
         "sample": (abstract.params, frozen_abs, ctx_abs, unc, key, idx),
         "score": (abstract.params, data, unc, scalar),
         "grad_tile": (abstract.params, data, unc, weights, scalar, scalar, scalar, grads),
-        "apply": (abstract.params, abstract.opt_state, grads),
+        "apply": (abstract.params, abstract.opt_state, grads, sds((), jnp.float32, repl)),
     }
     compiled, stats = {}, {}
     for name, args in todo.items():

@@ -22,7 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
-from prdp_jax.infra.errors import PromptError
+from prdp_jax.infra.errors import PromptError, shorten
 
 COLORS = {  # object colours, RGB in [0, 1]
     "red": (0.90, 0.10, 0.10),
@@ -116,20 +116,20 @@ def parse(caption: str) -> Scene:
     text = " ".join(caption.lower().split())
     unknown = [w for w in re.findall(r"[a-z0-9]+", text) if w not in VOCABULARY]
     if unknown:
-        raise PromptError(f"caption {caption!r}: unknown word {unknown[0]!r}; the world's words are "
+        raise PromptError(f"caption {shorten(caption)}: unknown word {unknown[0]!r}; the world's words are "
                           f"{' '.join(VOCABULARY)}")
     m = re.fullmatch(r"(.+) on a (\w+) background", text)
     if not m or m.group(2) not in BACKGROUNDS:
-        raise PromptError(f"caption {caption!r} does not end with 'on a <black|gray|white> background'")
+        raise PromptError(f"caption {shorten(caption)} does not end with 'on a <black|gray|white> background'")
     objects = []
     for part in m.group(1).split(" and "):
         om = _OBJ.fullmatch(part)
         if not om or om.group(2) not in COLORS or om.group(3) not in SHAPES:
-            raise PromptError(f"caption {caption!r}: {part!r} is not 'a <size> <colour> <shape> at the "
+            raise PromptError(f"caption {shorten(caption)}: {part!r} is not 'a <size> <colour> <shape> at the "
                               f"<position>'")
         objects.append(Obj(om.group(1), om.group(2), om.group(3), om.group(4)))
     if not 1 <= len(objects) <= 2 or not _valid(objects, m.group(2)):
-        raise PromptError(f"caption {caption!r} is not a valid scene (1-2 objects of different "
+        raise PromptError(f"caption {shorten(caption)} is not a valid scene (1-2 objects of different "
                           f"colours at different positions, in reading order)")
     return Scene(tuple(objects), m.group(2))
 

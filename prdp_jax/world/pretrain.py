@@ -11,10 +11,11 @@ several sittings. The folder that ships with prdp-jax (prdp_jax/world/base_model
 from __future__ import annotations
 
 import os
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from prdp_jax.infra.cli import fail, parse_flags, run_command
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", os.path.join(
@@ -29,11 +30,9 @@ def main(argv) -> None:
     from prdp_jax.infra.errors import UserError
     from prdp_jax.world import base
     if len(argv) > 1:
-        print(f"error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
-        sys.exit(2)
+        fail(f"unexpected arguments: {' '.join(argv[1:])}")
     if not FLAGS.out:
-        print("error: --out is required: the folder to write the base into", file=sys.stderr)
-        sys.exit(2)
+        fail("--out is required: the folder to write the base into")
     logging.set_verbosity(logging.WARNING)
     out = os.path.abspath(os.path.expanduser(FLAGS.out))
     try:
@@ -41,9 +40,8 @@ def main(argv) -> None:
         base.pretrain_base(FLAGS.config, out, FLAGS.state or out + ".state",
                            show_progress=bool(FLAGS.config.log.progress))
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail(str(e))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_command(app.run, main, flags_parser=parse_flags)
