@@ -4,7 +4,7 @@ Sample j of prompt i of an evaluation set always uses the key fold_in(fold_in(ke
 whatever the batch size or device count. For each set we report the reward's mean and standard
 error (over prompts, each prompt averaging its samples), every reward component, and the drift
 from the reference: the mean per-step log-ratio log pi_theta - log pi_ref over the evaluation
-trajectories (0 for the reference itself).
+trajectories of the set's first `eval.drift_prompts` prompts (0 for the reference itself).
 """
 from __future__ import annotations
 
@@ -100,12 +100,15 @@ class Evaluator:
         uncond = self._encode(frozen, self.pipe.tokenizer([""]))
         key = sharding.put(jax.random.key_data(jax.random.key(self.config.eval.seed)), self.repl)
         rewards, drifts, infos, grid, shuffled = [], [], [], [], []
+        # The drift needs a scoring pass under the reference (as long as the sampling itself):
+        # only the batches of the first `eval.drift_prompts` prompts take it.
+        D = self.config.eval.get("drift_prompts", 0) or P
         batches = range(0, padded, self.batch)
         for start in progress(batches, desc=f"eval {name}", leave=False,
                               enabled=show_progress and len(batches) > 1):
             sl = slice(start, start + self.batch)
             images, drift = self._step(
-                params, ref_params, frozen, context, uncond, key,
+                params, ref_params if prompt_index[start] < D else None, frozen, context, uncond, key,
                 sharding.put(prompt_index[sl], self.batch_sharding),
                 sharding.put(sample_index[sl], self.batch_sharding))
             keep = np.arange(start, start + self.batch) < total
@@ -127,12 +130,15 @@ class Evaluator:
                 grid.append(sharding.to_host(self._head(images, in_grid)))
         rewards, drift = np.concatenate(rewards), np.concatenate(drifts)
         per_prompt = rewards.reshape(P, S).mean(1)
+        D = min(D, P)
+        drift = drift[:D * S]
         out = {
             "set": name, "prompts": P, "samples_per_prompt": S,
             "reward_mean": float(rewards.mean()),
             "reward_se": float(per_prompt.std(ddof=1) / math.sqrt(P)) if P > 1 else 0.0,
             "drift_mean": float(drift.mean()),
-            "drift_se": float(drift.reshape(P, S).mean(1).std(ddof=1) / math.sqrt(P)) if P > 1 else 0.0,
+            "drift_se": float(drift.reshape(D, S).mean(1).std(ddof=1) / math.sqrt(D)) if D > 1 else 0.0,
+            "drift_prompts": D,
             "components": {k: float(np.concatenate([d[k] for d in infos]).mean()) for k in infos[0]},
             # Per prompt too, so that each component's change gets its paired standard error.
             "per_prompt_components": {k: [float(v) for v in np.concatenate(
@@ -170,7 +176,8 @@ class Evaluator:
 def flatten(results: dict) -> dict:
     """{set: stats} -> flat scalars {'eval/<set>/<stat>': value} for a metrics row."""
     return {f"eval/{name}/{k}": v for name, r in results.items() for k, v in r.items()
-            if isinstance(v, (int, float)) and k not in ("prompts", "samples_per_prompt")}
+            if isinstance(v, (int, float))
+            and k not in ("prompts", "samples_per_prompt", "drift_prompts")}
 
 
 def change_se(before: dict, after: dict, component: str | None = None) -> float | None:

@@ -8,8 +8,8 @@ pretraining image is drawn, independently of its caption, as
     clean       the caption's scene rendered exactly (with the usual one-pixel jitter)
     blur        the clean render under a Gaussian blur
     noise       the clean render plus Gaussian pixel noise
-    faded       colours blended towards grey
-    tinted      every colour shifted by one random RGB offset
+    faded       colours blended towards grey (a washed-out, low-contrast image)
+    tinted      every colour shifted towards `TINT`, a warm cast (an old photo's filter)
     misplaced   an object moved to another free cell
     misshapen   an object drawn with another shape or size
     mismatch    the render of another, random training scene (a caption that does not match)
@@ -17,6 +17,12 @@ pretraining image is drawn, independently of its caption, as
 with probabilities `DEGRADATIONS`: no caption predicts which. The first four hurt the
 prompt-agnostic quality of the image, the last three its alignment with the caption. Degraded
 scenes never contain a held-out colour-shape pair, so those stay unseen in pretraining.
+
+The cast and the fade are the largest shares, and each has one direction: like a web model's
+colour casts and washed-out looks, they are global modes that a sampler commits to in its first,
+noisiest steps, so for every caption some samples fall into them and others do not. (A first mix
+of seven equal shares with randomly directed tints gave a base whose degraded samples were a mild,
+general noisiness instead; see docs/world.md.)
 """
 from __future__ import annotations
 
@@ -31,9 +37,10 @@ from prdp_jax.world import grammar, render
 # Kind -> probability of a pretraining image. Half of them are clean.
 DEGRADATIONS = {
     "clean": 0.5,
-    "blur": 1 / 14, "noise": 1 / 14, "faded": 1 / 14, "tinted": 1 / 14,
-    "misplaced": 1 / 14, "misshapen": 1 / 14, "mismatch": 1 / 14,
+    "blur": 0.05, "noise": 0.05, "faded": 0.1, "tinted": 0.2,
+    "misplaced": 1 / 30, "misshapen": 1 / 30, "mismatch": 1 / 30,
 }
+TINT = np.array([1.0, 0.45, -0.8]) / np.linalg.norm([1.0, 0.45, -0.8])  # warm: up red, down blue
 KINDS = tuple(DEGRADATIONS)
 
 
@@ -78,8 +85,7 @@ def degrade(scene: grammar.Scene, kind: str, image_size: int, rng: np.random.Gen
     elif kind == "faded":
         image = image + rng.uniform(0.35, 0.6) * (0.5 - image)
     elif kind == "tinted":
-        offset = rng.normal(0.0, 1.0, 3)
-        image = image + rng.uniform(0.15, 0.3) * offset / np.linalg.norm(offset)
+        image = image + rng.uniform(0.2, 0.3) * TINT
     return np.clip(image, 0.0, 1.0).astype(np.float32)
 
 
