@@ -12,10 +12,13 @@ reference is never stored here.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import re
 import shutil
+import sys
+import tempfile
 from typing import Any, Optional
 
 import jax
@@ -190,8 +193,11 @@ def _root_cause(e: BaseException) -> str:
 
 @contextlib.contextmanager
 def _held_logs():
-    """Holds back the log records (absl's logger, which Orbax uses) of a save: a failed save
-    drops them (its error says what happened, in one line); a good one lets them through."""
+    """Holds back what a save prints: the log records of absl's logger (which Orbax uses) and
+    anything written to file descriptor 2. A good save lets them through afterwards. A failed
+    save drops them, and keeps dropping what is written to descriptor 2 from then on (TensorStore's
+    callbacks keep printing 'Event loop is closed' tracebacks into Orbax's closed event loop),
+    while `sys.stderr` moves to a copy of the real stderr for the run's one error line."""
     logger = logging.getLogger("absl")
     held: list[logging.LogRecord] = []
 
@@ -199,12 +205,26 @@ def _held_logs():
         held.append(record)
         return False
 
+    sys.stderr.flush()
+    real_stderr = os.dup(2)
+    captured = tempfile.TemporaryFile()
+    os.dup2(captured.fileno(), 2)
     logger.addFilter(hold)
     try:
         yield
-    finally:
+    except BaseException:
         logger.removeFilter(hold)
-    for record in held:   # reached only when the save succeeded
+        sys.stderr = io.TextIOWrapper(os.fdopen(real_stderr, "wb", buffering=0),
+                                      write_through=True)
+        raise
+    logger.removeFilter(hold)
+    sys.stderr.flush()
+    os.dup2(real_stderr, 2)
+    os.close(real_stderr)
+    captured.seek(0)
+    os.write(2, captured.read())
+    captured.close()
+    for record in held:   # the save succeeded
         logger.handle(record)
 
 
