@@ -260,14 +260,16 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if c.sample.batch_size and total % c.sample.batch_size:
         raise ConfigError(f"sample.batch_size={c.sample.batch_size} must divide the "
                           f"{total} trajectories of an epoch (prompts_per_epoch x images_per_prompt)")
-    for name, value in (("train.learning_rate", t.learning_rate), ("prdp.beta", c.prdp.beta),
-                        ("train.max_grad_norm", t.max_grad_norm), ("train.adam_eps", t.adam_eps)):
+    for name, value in (("prdp.beta", c.prdp.beta), ("train.max_grad_norm", t.max_grad_norm),
+                        ("train.adam_eps", t.adam_eps)):
         _finite(name, value, "> 0", value > 0)
+    _finite("train.learning_rate", t.learning_rate, ">= 0 (0 keeps the model frozen)",
+            t.learning_rate >= 0)
     _finite("train.weight_decay", t.weight_decay, ">= 0", t.weight_decay >= 0)
     _finite("sample.guidance_scale", c.sample.guidance_scale,
             ">= 0 (1 is no guidance, 0 the unconditional model)", c.sample.guidance_scale >= 0)
     for name, weight in dict(c.reward.weights).items():
-        _finite(f"reward.weights.{name}", weight, "(not 0)", weight != 0)
+        _finite(f"reward.weights.{name}", weight, "", True)
     if not c.prdp.clip_eps > 0:
         raise ConfigError(f"prdp.clip_eps must be > 0 (inf disables the clip), got {c.prdp.clip_eps}")
     if not c.ddpo.clip_range > 0:
@@ -317,7 +319,8 @@ def _finite(name: str, value, requirement: str, holds: bool) -> None:
     except (TypeError, ValueError):
         finite = False
     if not finite or not holds:
-        raise ConfigError(f"{name} must be a finite number {requirement}, got {value!r}")
+        raise ConfigError(f"{name} must be a finite number{' ' if requirement else ''}"
+                          f"{requirement}, got {value!r}")
 
 
 # The repository's configs/ folder (configs/<name>.py, each with one get_config(recipe)).

@@ -27,9 +27,9 @@ def test_case(case, tmp_path):
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("train.learning_rate", float("nan"), "train.learning_rate must be a finite number > 0"),
-    ("train.learning_rate", float("inf"), "train.learning_rate must be a finite number > 0"),
-    ("train.learning_rate", -1e-4, "train.learning_rate must be a finite number > 0"),
+    ("train.learning_rate", float("nan"), "train.learning_rate must be a finite number >= 0"),
+    ("train.learning_rate", float("inf"), "train.learning_rate must be a finite number >= 0"),
+    ("train.learning_rate", -1e-4, "train.learning_rate must be a finite number >= 0"),
     ("prdp.beta", float("nan"), "prdp.beta must be a finite number > 0"),
     ("prdp.beta", 0.0, "prdp.beta must be a finite number > 0"),
     ("train.max_grad_norm", float("inf"), "train.max_grad_norm must be a finite number > 0"),
@@ -64,7 +64,7 @@ def test_prompts_with_no_known_word_and_long_prompts(tmp_path):
     from prdp_jax.pipelines.factory import build_pipeline
     config = tiny_config()
     pipe = build_pipeline(config, sharding.mesh_from_config(config.mesh), log=lambda *a: None)
-    with pytest.raises(PromptError, match="prompt 2 .*no word the tokenizer knows"):
+    with pytest.raises(PromptError, match="prompt 2: .*no word the tokenizer knows"):
         pipe.check_prompts(["cat", "\U0001F431"], "prompts.train=file:x")
     with pytest.raises(PromptError) as e:
         pipe.check_prompts(["cat", "cat " * 25_000], "prompts.train=file:x")

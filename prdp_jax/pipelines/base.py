@@ -80,8 +80,7 @@ class Pipeline:
                 if self.validate_prompt is not None:
                     self.validate_prompt(prompt)
             except PromptError as e:
-                raise PromptError(f"{where}, prompt {i + 1} (counting non-empty lines or "
-                                  f"records): {e}") from None
+                raise PromptError(f"{where}, prompt {i + 1}: {e}") from None
 
     def denoiser(self, params, x, t, context):
         """(params, x [B,H,W,C], t [B], context [B,L,D]) -> [B,H,W,C] model output."""

@@ -272,7 +272,7 @@ def checksums(state: Any) -> dict[str, str]:
     sums = _tree_checksums(state)
     if jax.process_count() > 1:  # each process holds only its shards' arrays
         from jax.experimental import multihost_utils
-        sums = multihost_utils.process_allgather(sums)
+        sums = multihost_utils.process_allgather(sums, tiled=True)
     leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(sums))[0]
     return {jax.tree_util.keystr(path): "".join(f"{int(w):08x}" for w in np.asarray(v))
             for path, v in leaves}
