@@ -31,6 +31,10 @@ from prdp_jax.infra.errors import CheckpointError
 FORMAT = "prdp-jax/1"
 
 
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint whose bytes cannot be read or fail their checksums."""
+
+
 class Checkpointer:
     """Saves and restores (state, meta) per epoch; refuses foreign or mismatched directories.
 
@@ -98,8 +102,8 @@ class Checkpointer:
             meta = self.manager.restore(epoch, args=ocp.args.Composite(
                 meta=ocp.args.JsonRestore()))["meta"]
         except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"checkpoint {where} has no readable prdp-jax metadata "
-                                  f"({_one_line(e)}); it is corrupted or foreign") from None
+            raise CorruptCheckpointError(f"checkpoint {where} has no readable prdp-jax metadata "
+                                         f"({_one_line(e)}); it is corrupted or foreign") from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise CheckpointError(f"checkpoint {where} is not a {FORMAT} checkpoint")
         diff = _differences(meta.get("fingerprint", {}), self.fingerprint)
@@ -110,17 +114,17 @@ class Checkpointer:
             state = self.manager.restore(epoch, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state)))["state"]
         except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"checkpoint {where} is corrupted or does not match the model: "
-                                  f"it cannot be restored ({_one_line(e)})"
-                                  f"{self._previous_hint(epoch)}") from None
+            raise CorruptCheckpointError(
+                f"checkpoint {where} is corrupted or does not match the model: it cannot be "
+                f"restored ({_one_line(e)}){self._previous_hint(epoch)}") from None
         expected = meta.get("checksums")
         if expected is not None:
             got = checksums(state)
             bad = [k for k in expected if got.get(k) != expected[k]]
             if bad:
-                raise CheckpointError(f"checkpoint {where} is corrupted: {len(bad)} of "
-                                      f"{len(expected)} arrays fail their checksum (first: "
-                                      f"{bad[0]}){self._previous_hint(epoch)}")
+                raise CorruptCheckpointError(f"checkpoint {where} is corrupted: {len(bad)} of "
+                                             f"{len(expected)} arrays fail their checksum (first: "
+                                             f"{bad[0]}){self._previous_hint(epoch)}")
         return state, meta
 
     def _previous_hint(self, epoch: int) -> str:
@@ -144,7 +148,7 @@ class Checkpointer:
             try:
                 state, meta = self.restore(epoch, abstract_state)
                 return epoch, state, meta
-            except CheckpointError as e:
+            except CorruptCheckpointError as e:   # not a config mismatch: that is no corruption
                 older = [s for s in self.manager.all_steps() if s < epoch]
                 if fallback != "previous" or not older:
                     raise
