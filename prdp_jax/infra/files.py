@@ -23,6 +23,11 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         raise OutputError(f"cannot write {path} ({e.strerror or e})") from None
 
 
+def listdir(path: str) -> list[str]:
+    """The entries of folder `path`; [] if it does not exist."""
+    return os.listdir(path) if os.path.isdir(path) else []
+
+
 def atomic_write_json(path: str, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 

@@ -59,9 +59,9 @@ class MetricWriter:
         if os.path.exists(self.jsonl_path):
             with open(self.jsonl_path) as f:
                 rows = [json.loads(line) for line in f if line.strip()]
-        kept = [r for r in rows if r["epoch"] <= epoch]
-        if len(kept) == len(rows) and not kept:
+        if not rows:
             return
+        kept = [r for r in rows if r["epoch"] <= epoch]
         atomic_write_bytes(self.jsonl_path,
                            "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept).encode())
         self._tb.close()

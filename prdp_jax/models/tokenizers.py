@@ -28,10 +28,11 @@ class WordTokenizer:
     """
 
     pad_id, eos_id, bos_id = 0, 1, 2
+    first_word_id = 3
 
     def __init__(self, vocabulary: Iterable[str], max_length: int):
         self.vocab = sorted(set(vocabulary))
-        self.ids = {w: i + 3 for i, w in enumerate(self.vocab)}
+        self.ids = {w: i + self.first_word_id for i, w in enumerate(self.vocab)}
         self.max_length = int(max_length)
 
     @classmethod
@@ -56,7 +57,7 @@ class WordTokenizer:
 
     @property
     def vocab_size(self) -> int:
-        return len(self.vocab) + 3
+        return len(self.vocab) + self.first_word_id
 
     def __call__(self, prompts: Sequence[str]) -> np.ndarray:
         """[N] strings -> [N, max_length] int32 ids. Raises PromptError on unknown words."""
@@ -65,8 +66,8 @@ class WordTokenizer:
             toks = words(prompt)
             unknown = [w for w in toks if w not in self.ids]
             if unknown:
-                raise PromptError(f"prompt {shorten(prompt)}: unknown word {shorten(unknown[0], 40)} (not in the "
-                                  f"tokenizer's {len(self.vocab)}-word vocabulary)")
+                raise PromptError(f"prompt {shorten(prompt)}: unknown word {shorten(unknown[0], 40)} "
+                                  f"(not in the tokenizer's {len(self.vocab)}-word vocabulary)")
             if len(toks) + 2 > self.max_length:
                 raise PromptError(f"prompt {shorten(prompt)} has {len(toks)} words; at most "
                                   f"{self.max_length - 2} fit")

@@ -74,7 +74,8 @@ class Pipeline:
         for i, prompt in enumerate(prompts):
             try:
                 ids = self.tokenizer([prompt])
-                if isinstance(self.tokenizer, WordTokenizer) and not (ids > 2).any():
+                if isinstance(self.tokenizer, WordTokenizer) and \
+                        not (ids >= self.tokenizer.first_word_id).any():
                     raise PromptError(f"prompt {shorten(prompt)} has no word the tokenizer knows "
                                       f"(it would train as the empty, unconditional prompt)")
                 if self.validate_prompt is not None:

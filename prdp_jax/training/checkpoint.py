@@ -26,13 +26,21 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from prdp_jax.infra import files
 from prdp_jax.infra.errors import CheckpointError
 
 FORMAT = "prdp-jax/1"
 
 
 class CorruptCheckpointError(CheckpointError):
-    """A checkpoint whose bytes cannot be read or fail their checksums."""
+    """A checkpoint whose bytes cannot be read or fail their checksums.
+
+    `problem` is the message without its advice (what `restore_latest` says when it falls back).
+    """
+
+    def __init__(self, problem: str, advice: str = ""):
+        super().__init__(problem + advice)
+        self.problem = problem
 
 
 class Checkpointer:
@@ -77,21 +85,21 @@ class Checkpointer:
         meta = dict(meta, format=FORMAT, fingerprint=self.fingerprint, epoch=epoch,
                     checksums=checksums(state))
         try:
-            with _held_logs():
+            with _held_output():
                 self.manager.save(epoch, args=ocp.args.Composite(
                     state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
                 self.manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001 - Orbax wraps the OSError of a full disk
             self._remove_temporary()
-            previous = [s for s in self.manager.all_steps() if s < epoch]
-            kept = (f"checkpoint {max(previous)} is intact" if previous else "no checkpoint is kept")
+            previous = self._older(epoch)
+            kept = (f"checkpoint {previous[-1]} is intact" if previous else "no checkpoint is kept")
             raise CheckpointError(f"cannot write {self.what} {epoch} in {self.directory} "
                                   f"({_root_cause(e)}); {kept}; free space (or fix the directory) "
                                   f"and rerun the same command to resume") from None
 
     def _remove_temporary(self) -> None:
         """Removes Orbax's half-written step folders (`<step>.orbax-checkpoint-tmp-*`)."""
-        for name in _listdir(self.directory):
+        for name in files.listdir(self.directory):
             if ".orbax-checkpoint-tmp" in name:
                 shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
@@ -103,7 +111,8 @@ class Checkpointer:
                 meta=ocp.args.JsonRestore()))["meta"]
         except Exception as e:  # noqa: BLE001
             raise CorruptCheckpointError(f"checkpoint {where} has no readable prdp-jax metadata "
-                                         f"({_one_line(e)}); it is corrupted or foreign") from None
+                                         f"({_one_line(e)}); it is corrupted or foreign",
+                                         self._previous_hint(epoch)) from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise CheckpointError(f"checkpoint {where} is not a {FORMAT} checkpoint")
         diff = _differences(meta.get("fingerprint", {}), self.fingerprint)
@@ -116,7 +125,7 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001
             raise CorruptCheckpointError(
                 f"checkpoint {where} is corrupted or does not match the model: it cannot be "
-                f"restored ({_one_line(e)}){self._previous_hint(epoch)}") from None
+                f"restored ({_one_line(e)})", self._previous_hint(epoch)) from None
         expected = meta.get("checksums")
         if expected is not None:
             got = checksums(state)
@@ -124,14 +133,18 @@ class Checkpointer:
             if bad:
                 raise CorruptCheckpointError(f"checkpoint {where} is corrupted: {len(bad)} of "
                                              f"{len(expected)} arrays fail their checksum (first: "
-                                             f"{bad[0]}){self._previous_hint(epoch)}")
+                                             f"{bad[0]})", self._previous_hint(epoch))
         return state, meta
 
+    def _older(self, epoch: int) -> list[int]:
+        """The saved epochs before `epoch`, oldest first."""
+        return sorted(e for e in self.manager.all_steps() if e < epoch)
+
     def _previous_hint(self, epoch: int) -> str:
-        older = [e for e in self.manager.all_steps() if e < epoch]
+        older = self._older(epoch)
         if not older:
             return ""
-        return (f"; checkpoint {max(older)} is the previous one (resume from it with "
+        return (f"; checkpoint {older[-1]} is the previous one (resume from it with "
                 f"--config.checkpoint.fallback=previous)")
 
     def restore_latest(self, abstract_state: Any, fallback: str = "none",
@@ -149,7 +162,7 @@ class Checkpointer:
                 state, meta = self.restore(epoch, abstract_state)
                 return epoch, state, meta
             except CorruptCheckpointError as e:   # not a config mismatch: that is no corruption
-                older = [s for s in self.manager.all_steps() if s < epoch]
+                older = self._older(epoch)
                 if fallback != "previous" or not older:
                     raise
                 aside = os.path.join(self.directory + "_corrupt", str(epoch))
@@ -158,8 +171,8 @@ class Checkpointer:
                 os.makedirs(os.path.dirname(aside), exist_ok=True)
                 os.rename(os.path.join(self.directory, str(epoch)), aside)
                 self.manager.reload()
-                log(f"warning: {str(e).split('; checkpoint')[0]}; moved it to {aside} and "
-                    f"falling back to checkpoint {max(older)}")
+                log(f"warning: {e.problem}; moved it to {aside} and falling back to checkpoint "
+                    f"{older[-1]}")
 
     def close(self) -> None:
         self.manager.wait_until_finished()
@@ -177,10 +190,6 @@ def _differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
     return []
 
 
-def _listdir(path: str) -> list[str]:
-    return os.listdir(path) if os.path.isdir(path) else []
-
-
 def _root_cause(e: BaseException) -> str:
     """The OS error under Orbax's and TensorStore's wrappers (e.g. 'No space left on device'),
     else one line."""
@@ -196,7 +205,7 @@ def _root_cause(e: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def _held_logs():
+def _held_output():
     """Holds back what a save prints: the log records of absl's logger (which Orbax uses) and
     anything written to file descriptor 2. A good save lets them through afterwards. A failed
     save drops them, and keeps dropping what is written to descriptor 2 from then on (TensorStore's

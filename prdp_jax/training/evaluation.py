@@ -102,13 +102,14 @@ class Evaluator:
         rewards, drifts, infos, grid, shuffled = [], [], [], [], []
         # The drift needs a scoring pass under the reference (as long as the sampling itself):
         # only the batches of the first `eval.drift_prompts` prompts take it.
-        D = self.config.eval.get("drift_prompts", 0) or P
+        D = min(self.config.eval.get("drift_prompts", 0) or P, P)
         batches = range(0, padded, self.batch)
         for start in progress(batches, desc=f"eval {name}", leave=False,
                               enabled=show_progress and len(batches) > 1):
             sl = slice(start, start + self.batch)
+            with_drift = prompt_index[start] < D
             images, drift = self._step(
-                params, ref_params if prompt_index[start] < D else None, frozen, context, uncond, key,
+                params, ref_params if with_drift else None, frozen, context, uncond, key,
                 sharding.put(prompt_index[sl], self.batch_sharding),
                 sharding.put(sample_index[sl], self.batch_sharding))
             keep = np.arange(start, start + self.batch) < total
@@ -130,7 +131,6 @@ class Evaluator:
                 grid.append(sharding.to_host(self._head(images, in_grid)))
         rewards, drift = np.concatenate(rewards), np.concatenate(drifts)
         per_prompt = rewards.reshape(P, S).mean(1)
-        D = min(D, P)
         drift = drift[:D * S]
         out = {
             "set": name, "prompts": P, "samples_per_prompt": S,

@@ -202,13 +202,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
     except UserError:
         # A run that fails before its first checkpoint leaves no workdir it created.
         if created and is_main and not any(
-                e.isdigit() for e in _listdir(os.path.join(workdir, "checkpoints"))):
+                e.isdigit() for e in files.listdir(os.path.join(workdir, "checkpoints"))):
             shutil.rmtree(workdir, ignore_errors=True)
         raise
-
-
-def _listdir(path: str) -> list[str]:
-    return os.listdir(path) if os.path.isdir(path) else []
 
 
 def run_in_workdir(setup: Setup, workdir: str, reward_fn, train_prompts: list[str], say,
