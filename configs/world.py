@@ -62,7 +62,7 @@ def get_config(recipe: str = "prdp"):
     c.world.heldout_prompts = 512
     c.eval.sets = ("world_small", "world_large_sample", "world_heldout")
     c.eval.samples_per_prompt = 2
-    c.eval.batch_size = 64
+    c.eval.batch_size = 16                 # ~16 rows a core: the fastest UNet calls on a CPU
     c.eval.drift_prompts = 32
     # 8 images of each of 8 captions an epoch (28 pairs a caption, 224 an epoch; 16 x 4 gives
     # 96 for the same 64 reward queries), 4 AdamW steps of 2 captions each.
@@ -71,8 +71,14 @@ def get_config(recipe: str = "prdp"):
     c.train.images_per_prompt = 8
     c.train.passes_per_epoch = 1
     c.train.prompts_per_minibatch = 2
-    c.train.microbatch_trajectories = 16   # a minibatch (2 x 8) x 3 steps a gradient tile: small
-    c.train.microbatch_steps = 3           # tiles are the fastest on a 2-core CPU.
+    # Each minibatch's gradient in one pass (no second forward; ~1.2 GB of activations), over
+    # tiles of 16 trajectories x 3 steps (3 copies of the model in the compiled step: smaller
+    # tiles run a little faster but compile for longer). Sampling in batches of 16 trajectories:
+    # on a CPU a UNet call is fastest at ~16 rows a core (benchmarks/NOTES.md).
+    c.train.gradient = "one_pass"
+    c.train.microbatch_trajectories = 16
+    c.train.microbatch_steps = 3
+    c.sample.batch_size = 16
     # Full-UNet updates lower the reward at every rate tried (2e-5..2e-4): with 32 trajectories
     # per step the policy gradient is mostly noise, and noise along output-sensitive directions
     # degrades the denoiser. Cross-attention only (7% of the UNet) keeps it intact.

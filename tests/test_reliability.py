@@ -11,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 
+from prdp_jax import config as config_lib
 from prdp_jax.infra import metrics as metrics_lib
 from prdp_jax.training import checkpoint as ckpt_lib
 from prdp_jax.training.steps import NONFINITE, apply_gradients
@@ -88,7 +89,7 @@ def test_apply_refuses_non_finite_steps(bad, status):
     if bad == "grad":
         grads["b"]["c"] = grads["b"]["c"].at[1].set(jnp.nan)
     loss = jnp.float32(jnp.nan if bad == "loss" else 1.0)
-    new, new_opt, _, got = apply_gradients(optimizer, params, opt_state, grads, loss)
+    new, new_opt, _, got = apply_gradients(optimizer, "", params, opt_state, grads, loss)
     assert int(got) == status and NONFINITE[status]
     for x, y in zip(jax.tree.leaves((new, new_opt)), jax.tree.leaves((params, opt_state))):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
@@ -100,13 +101,33 @@ def test_apply_applies_finite_steps():
     params = _params()
     opt_state = optimizer.init(params)
     grads = jax.tree.map(lambda x: jnp.sin(x) + 0.5, params)
-    new, _, norm, status = apply_gradients(optimizer, params, opt_state, grads, jnp.float32(2.0))
+    new, _, norm, status = apply_gradients(optimizer, "", params, opt_state, grads, jnp.float32(2.0))
     updates, _ = optimizer.update(grads, opt_state, params)
     expected = optax.apply_updates(params, updates)
     assert int(status) == 0
     np.testing.assert_allclose(float(norm), float(optax.tree.norm(grads)), rtol=1e-6)
     for x, y in zip(jax.tree.leaves(new), jax.tree.leaves(expected)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_apply_guards_the_trainable_params():
+    """With train.trainable, a NaN gradient of a finetuned param is refused, and the frozen
+    params come back untouched either way."""
+    from prdp_jax.training import state as state_lib
+    config = config_lib.base_config()
+    config.train.trainable = "a"
+    optimizer = state_lib.make_optimizer(config)
+    params = _params()
+    opt_state = optimizer.init(params)
+    grads = jax.tree.map(jnp.ones_like, params)
+    new, _, norm, status = apply_gradients(optimizer, "a", params, opt_state, grads, jnp.float32(1.0))
+    assert int(status) == 0 and float(norm) == pytest.approx(6 ** 0.5)  # only "a" counts
+    assert float(jnp.abs(new["a"] - params["a"]).max()) > 0
+    np.testing.assert_array_equal(np.asarray(new["b"]["c"]), np.asarray(params["b"]["c"]))
+    grads["a"] = grads["a"].at[0, 0].set(jnp.nan)
+    new, _, _, status = apply_gradients(optimizer, "a", params, opt_state, grads, jnp.float32(1.0))
+    assert int(status) == 2
+    np.testing.assert_array_equal(np.asarray(new["a"]), np.asarray(params["a"]))
 
 
 def test_checksums_see_every_bit_and_ignore_sharding():

@@ -183,6 +183,37 @@ def test_microbatched_gradient_is_exact(objective, tile, reduce):
     assert rel_err(grads, want) < 1e-5
 
 
+@pytest.mark.parametrize("objective,tile", [("prdp-mean", (4, 2)), ("ddpo", (8, 5))])
+def test_one_pass_gradient_is_exact(objective, tile):
+    """train.gradient="one_pass": the loss, log-probs and gradient of the end-to-end
+    differentiated loss, also over a trainable subset (zeros elsewhere)."""
+    mb, uncond, coeffs = minibatch()
+    _, params = params_pair()
+    params = jax.tree.map(lambda p: p * 1.01, params)
+    obj = OBJECTIVES[objective]
+    n, T = mb.log_probs_old.shape
+    kw = dict(coeffs=coeffs, tiling=tiled_gradient.Tiling(n, T, trajectories=tile[0], steps=tile[1]),
+              guidance_scale=GUIDANCE, reduce="mean")
+    loss, lp, grads, aux = jax.jit(functools.partial(tiled_gradient.loss_and_grad, obj, denoiser,
+                                                     **kw))(params, mb, uncond)
+    want_loss, want = jax.jit(jax.value_and_grad(functools.partial(
+        naive_loss, obj, mb=mb, uncond=uncond, coeffs=coeffs, reduce="mean")))(params)
+    want_lp = jax.jit(functools.partial(tiled_gradient.score, denoiser, **kw))(params, mb, uncond)
+    assert float(aux["clip_frac"]) > 0
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+    np.testing.assert_allclose(lp, want_lp, rtol=1e-5, atol=1e-6)
+    assert rel_err(grads, want) < 1e-5
+    mask = jax.tree_util.tree_map_with_path(
+        lambda path, _: "attn2" in jax.tree_util.keystr(path), params)
+    _, _, subset, _ = jax.jit(functools.partial(tiled_gradient.loss_and_grad, obj, denoiser,
+                                                trainable=mask, **kw))(params, mb, uncond)
+    for g, s, m in zip(jax.tree.leaves(want), jax.tree.leaves(subset), jax.tree.leaves(mask)):
+        if m:
+            np.testing.assert_allclose(s, g, rtol=1e-4, atol=1e-5 * float(jnp.abs(g).max()))
+        else:
+            assert not np.any(np.asarray(s))
+
+
 @pytest.mark.slow
 def test_gradient_of_a_trainable_subset_is_the_full_gradient_there_and_zero_elsewhere():
     mb, uncond, coeffs = minibatch()

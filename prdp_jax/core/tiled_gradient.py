@@ -149,9 +149,13 @@ def tile_log_probs(denoiser: diffusion.Denoiser, params: chex.ArrayTree, mb: Tra
 
 def score(denoiser: diffusion.Denoiser, params: chex.ArrayTree, mb: Transitions,
           uncond_context: jax.Array, coeffs: diffusion.StepCoefficients, tiling: Tiling, *,
-          guidance_scale: float, reduce: str, constrain: Constrain = _identity) -> jax.Array:
+          guidance_scale: float, reduce: str, constrain: Constrain = _identity,
+          unroll: bool = False) -> jax.Array:
     """Phase 1: log pi_params of every stored transition of the minibatch, forward only.
 
+    Args:
+      unroll: one copy of the model per tile instead of a loop (`loss_and_grad` differentiates
+        it: XLA:CPU runs a loop's backward convolutions on its slow generic path).
     Returns:
       [n, T] float32.
     """
@@ -163,7 +167,10 @@ def score(denoiser: diffusion.Denoiser, params: chex.ArrayTree, mb: Transitions,
                                      constrain=constrain)
         return log_prob
 
-    tiles = jax.lax.map(one, (jnp.asarray(js), jnp.asarray(cs)))  # [tiles, S, a', s]
+    if unroll:
+        tiles = jnp.stack([one((j, c)) for j, c in zip(js, cs)])
+    else:
+        tiles = jax.lax.map(one, (jnp.asarray(js), jnp.asarray(cs)))  # [tiles, S, a', s]
     nj, nc, s = tiling.num_trajectory_tiles, tiling.num_step_tiles, tiling.steps_per_tile
     tiles = tiles.reshape((nj, nc) + tiles.shape[1:])               # [nj, nc, S, a', s]
     out = jnp.transpose(tiles, (2, 0, 3, 1, 4)).reshape(tiling.num_trajectories, nc * s)
@@ -209,18 +216,60 @@ def accumulate_grad(denoiser: diffusion.Denoiser, params: chex.ArrayTree, mb: Tr
                                      constrain=constrain)
         return jnp.sum(jax.lax.stop_gradient(w) * log_prob)
 
-    if trainable is None:
-        tile_grads = jax.grad(weighted)(params)
-    else:
-        leaves, treedef = jax.tree.flatten(params)
-        flags = treedef.flatten_up_to(trainable)
-
-        def weighted_subset(train_leaves):
-            it = iter(train_leaves)
-            return weighted(treedef.unflatten([next(it) if f else jax.lax.stop_gradient(x)
-                                               for x, f in zip(leaves, flags)]))
-
-        it = iter(jax.grad(weighted_subset)([x for x, f in zip(leaves, flags) if f]))
-        tile_grads = treedef.unflatten([next(it) if f else jnp.zeros_like(x)
-                                        for x, f in zip(leaves, flags)])
+    subset, merge, expand = trainable_subset(params, trainable)
+    tile_grads = expand(jax.grad(lambda leaves: weighted(merge(leaves)))(subset))
     return jax.tree.map(lambda a, g: a + g.astype(a.dtype), grads, tile_grads)
+
+
+def trainable_subset(params: chex.ArrayTree, trainable: Optional[chex.ArrayTree]):
+    """Splits params into the leaves to differentiate and the rest.
+
+    Args:
+      trainable: None (all) or a tree shaped like params of Python bools.
+    Returns:
+      (subset: list of the trainable leaves,
+       merge: subset -> full params, the frozen leaves behind stop_gradient,
+       expand: gradients of the subset -> a tree like params, exact zeros for frozen leaves).
+    """
+    leaves, treedef = jax.tree.flatten(params)
+    flags = [True] * len(leaves) if trainable is None else treedef.flatten_up_to(trainable)
+
+    def merge(subset):
+        it = iter(subset)
+        return treedef.unflatten([next(it) if f else jax.lax.stop_gradient(x)
+                                  for x, f in zip(leaves, flags)])
+
+    def expand(subset_grads):
+        it = iter(subset_grads)
+        return treedef.unflatten([next(it) if f else jnp.zeros_like(x)
+                                  for x, f in zip(leaves, flags)])
+
+    return [x for x, f in zip(leaves, flags) if f], merge, expand
+
+
+def loss_and_grad(objective: Objective, denoiser: diffusion.Denoiser, params: chex.ArrayTree,
+                  mb: Transitions, uncond_context: jax.Array, coeffs: diffusion.StepCoefficients,
+                  tiling: Tiling, *, guidance_scale: float, reduce: str,
+                  constrain: Constrain = _identity,
+                  trainable: Optional[chex.ArrayTree] = None):
+    """The three phases in one pass (`train.gradient="one_pass"`): every tile's forward with its
+    activations kept (the `score` loop, differentiated), the loss and w = dL/d(log pi), then
+    every tile's backward. The same gradient as `score` + `loss_and_weights` + `accumulate_grad`
+    over all tiles, without the scoring pass's second forward; memory holds every tile's
+    activations instead of one tile's.
+
+    Returns:
+      (loss scalar, log_probs [n, T], float32 grads shaped like params, aux dict).
+    """
+    subset, merge, expand = trainable_subset(params, trainable)
+
+    def log_probs_of(leaves):
+        return score(denoiser, merge(leaves), mb, uncond_context, coeffs, tiling,
+                     guidance_scale=guidance_scale, reduce=reduce, constrain=constrain,
+                     unroll=True)
+
+    log_probs, backward = jax.vjp(log_probs_of, subset)
+    loss, weights, aux = loss_and_weights(objective, log_probs, mb)
+    (subset_grads,) = backward(weights)
+    grads = jax.tree.map(lambda g: g.astype(jnp.float32), expand(subset_grads))
+    return loss, log_probs, grads, aux

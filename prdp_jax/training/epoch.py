@@ -84,7 +84,8 @@ def make_setup(config: ml_collections.ConfigDict, pipe: "Pipeline", mesh: Mesh) 
 def compile_setup(setup: Setup, frozen, log=print) -> tuple[Setup, dict]:
     """`setup` with its heavy steps compiled ahead of time, and the compile stats."""
     steps, stats = steps_lib.compile_steps(setup.steps, setup.ctx, setup.shape, setup.shardings,
-                                           setup.abstract_state(), frozen, log=log)
+                                           setup.abstract_state(), frozen,
+                                           setup.config.train.gradient, log=log)
     return dataclasses.replace(setup, steps=steps), stats
 
 
@@ -221,14 +222,18 @@ def known_log_probs(setup: Setup, data: tiled_gradient.Transitions) -> jax.Array
 
 def minibatch_gradient(setup: Setup, params, data: tiled_gradient.Transitions, uncond: jax.Array, m: int,
                        log_probs: Optional[jax.Array] = None):
-    """Loss, exact gradient and aux of minibatch m (the three phases of `tiled_gradient.py`).
+    """Loss, exact gradient and aux of minibatch m: the three phases of `tiled_gradient.py`
+    (`train.gradient="tiled"`), or all three in one pass ("one_pass").
 
     Args:
-      log_probs: [n, T] the minibatch's log-probs under `params` if already known.
+      log_probs: [n, T] the minibatch's log-probs under `params` if already known (the tiled
+        gradient then skips its scoring pass).
     Returns:
       (loss, grads shaped like params, aux dict).
     """
     steps, index = setup.steps, setup.index
+    if setup.config.train.gradient == "one_pass":
+        return steps.loss_and_grad(params, data, uncond, index[m])
     if log_probs is None:
         log_probs = steps.score(params, data, uncond, index[m])
     loss, weights, aux = steps.weights(data, index[m], log_probs)
@@ -237,4 +242,3 @@ def minibatch_gradient(setup: Setup, params, data: tiled_gradient.Transitions, u
         grads = steps.grad_tile(params, data, uncond, weights, index[m], index[int(j)],
                                 index[int(c)], grads)
     return loss, grads, aux
-
