@@ -1,13 +1,13 @@
 """The benchmark harness: ours against PyTorch, side by side in one run.
 
-    python -m benchmarks [--quick] [--out docs/benchmarks] [--cases toy tiny_sd]
+    python -m benchmarks [--quick] [--out docs/benchmarks] [--cases toy tiny_sd world_epoch sd15_512]
 
 For each case (benchmarks/cases.py) it measures, on this machine's default JAX device and with
 torch on the same CPU threads:
   sampling     images/s of the trainer's scan sampler with CFG, against a PyTorch loop on
                diffusers' UNet with the same weights (eager, and torch.compile'd where it works)
-  update       transitions/s of one optimiser step with the exact microbatched gradient, against
-               the same algorithm in PyTorch
+  update       transitions/s of one optimiser step with the exact microbatched gradient (tiled,
+               and in one pass), against the same algorithm in PyTorch
   compile      seconds to compile the sampler, scorer, gradient tile and optimiser step at
                several T (ahead of time, no persistent cache)
   memory       peak resident memory of one optimiser step (a fresh process each) at several T
@@ -15,6 +15,9 @@ torch on the same CPU threads:
                included)
   flops        achieved FLOP/s of the UNet forward (XLA's cost analysis / median time) over a
                float32 matmul's FLOP/s measured here
+Two cases are whole jobs: `world_epoch` (benchmarks/world_epoch.py) times one epoch of the
+README's main job phase by phase, here and at a baseline commit in a git worktree; `sd15_512`
+(benchmarks/sd15.py) times an SD 1.5-shaped UNet at 512 px on a GPU, or at a reduced size on a CPU.
 Each time is the median of several runs after a warm-up. Results: OUT.json and OUT.md (the table,
 with every target marked met or not).
 """
@@ -39,6 +42,7 @@ TARGETS = (
     ("compile", "compile time, largest T / smallest T", 1.2, True),
     ("memory_steps", "update peak memory, largest T / smallest T", 1.2, True),
     ("flops", "UNet forward FLOP/s / matmul FLOP/s", 0.3, False),
+    ("world_epoch", "main-job epoch time, this tree / baseline commit", 0.5, True),
 )
 
 
@@ -94,12 +98,13 @@ def log(*args):
 _SETUPS: dict = {}
 
 
-def setup_for(case, steps: int, batch: int, images: int, tile: tuple):
+def setup_for(case, steps: int, batch: int, images: int, tile: tuple, gradient: str = "tiled"):
     """(Setup, its compile stats), built and compiled once per configuration."""
     from benchmarks import ours
-    key = (case.name, steps, batch, images, tuple(tile))
+    key = (case.name, steps, batch, images, tuple(tile), gradient)
     if key not in _SETUPS:
-        setup = ours.Setup(case, ours.make_config(case, steps, batch, images, tile, batch))
+        setup = ours.Setup(case, ours.make_config(case, steps, batch, images, tile, batch,
+                                                  gradient))
         _SETUPS[key] = (setup, setup.compile())
     return _SETUPS[key]
 
@@ -150,30 +155,32 @@ def parity(setup, unet) -> float:
 def update_rows(case, size, rows):
     import torch
     from benchmarks import ours, theirs
-    for batch in size.update_batches:
-        images = 4
-        setup, _ = setup_for(case, size.sample_steps, batch, images, size.tile)
-        step = setup.update_fn()
-        jax_s = ours.median_seconds(step, size.repeats)
-        transitions = batch * setup.training.num_steps
-        data = setup.epoch_data()
-        latents = theirs.to_nchw(np.asarray(data.latents[0]))
-        context = torch.from_numpy(np.array(data.context[0]))
-        rewards = torch.from_numpy(np.array(data.rewards[0]))
-        uncond = torch.from_numpy(np.array(setup.uncond))
-        row = {"case": case.name, "kind": "update", "batch": batch, "steps": size.sample_steps,
-               "tile": list(size.tile), "ours_s": jax_s,
-               "ours_transitions_per_s": transitions / jax_s}
-        for mode in ("eager", "compile") if size.torch_compile else ("eager",):
-            unet = theirs.make_unet(case, ours.host_params(setup.params))
-            model = unet if mode == "eager" else torch.compile(unet)
-            policy = theirs.Policy(model, setup.training.ctx.coeffs, case.guidance, uncond)
-            time_torch(row, mode, jax_s, lambda: theirs.median_seconds(
-                theirs.Update(policy, latents, context, rewards, images, size.tile).step,
-                size.repeats))
-        log(f"  update {case.name} n={batch}: ours {row['ours_transitions_per_s']:.1f} "
-            f"transitions/s, ratio vs eager {row.get('ratio_vs_eager', float('nan')):.2f}")
-        rows.append(row)
+    for gradient in size.gradients:
+        for batch in size.update_batches:
+            images = 4
+            setup, _ = setup_for(case, size.sample_steps, batch, images, size.tile, gradient)
+            step = setup.update_fn()
+            jax_s = ours.median_seconds(step, size.repeats)
+            transitions = batch * setup.training.num_steps
+            data = setup.epoch_data()
+            latents = theirs.to_nchw(np.asarray(data.latents[0]))
+            context = torch.from_numpy(np.array(data.context[0]))
+            rewards = torch.from_numpy(np.array(data.rewards[0]))
+            uncond = torch.from_numpy(np.array(setup.uncond))
+            row = {"case": case.name, "kind": "update", "gradient": gradient, "batch": batch,
+                   "steps": size.sample_steps, "tile": list(size.tile), "ours_s": jax_s,
+                   "ours_transitions_per_s": transitions / jax_s}
+            for mode in ("eager", "compile") if size.torch_compile else ("eager",):
+                unet = theirs.make_unet(case, ours.host_params(setup.params))
+                model = unet if mode == "eager" else torch.compile(unet)
+                policy = theirs.Policy(model, setup.training.ctx.coeffs, case.guidance, uncond)
+                time_torch(row, mode, jax_s, lambda: theirs.median_seconds(
+                    theirs.Update(policy, latents, context, rewards, images, size.tile,
+                                  gradient=gradient).step, size.repeats))
+            log(f"  update {case.name} {gradient} n={batch}: ours "
+                f"{row['ours_transitions_per_s']:.1f} transitions/s, ratio vs eager "
+                f"{row.get('ratio_vs_eager', float('nan')):.2f}")
+            rows.append(row)
 
 
 def compile_rows(case, size, rows):
@@ -237,12 +244,16 @@ def verdicts(rows) -> list[dict]:
         for r in rows:
             if key in ("sampling", "update") and r["kind"] == key and "ratio_vs_eager" in r:
                 value, label = r["ratio_vs_eager"], f"{r['case']} batch {r['batch']}"
+                if "gradient" in r:
+                    label += f", {r['gradient']} gradient"
             elif key == "compile" and r["kind"] == "compile":
                 value, label = r["ratio"], r["case"]
             elif key == "memory_steps" and r["kind"] == "memory":
                 value, label = r["ratio_steps"], r["case"]
             elif key == "flops" and r["kind"] == "flops":
                 value, label = r["utilisation"], f"{r['case']} batch {r['batch']}"
+            elif key == "world_epoch" and r["kind"] == "world_epoch" and r.get("ratio"):
+                value, label = r["ratio"], f"configs/world.py:{r['recipe']} vs {r['baseline']}"
             else:
                 continue
             if value is None:
@@ -276,12 +287,16 @@ def markdown(result: dict) -> str:
                      f"| {fmt(r, 'torch_eager_s')} | {fmt(r, 'torch_compile_s')} "
                      f"| {r.get('ratio_vs_eager', float('nan')):.2f} "
                      f"| {r.get('ratio_vs_compile', float('nan')):.2f} | {r['parity_max_abs']:.1e} |")
-    lines += ["", "## Update step (score, PRDP weights, tiled gradient, AdamW)", "",
-              "| case | trajectories | T | tile | ours transitions/s | ours s | torch eager s "
-              "| torch.compile s | ours / eager | ours / compile |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "## Update step (PRDP loss and exact gradient, AdamW)", "",
+              "Both sides run the same algorithm: *tiled* scores every transition forward-only, "
+              "takes the loss weights, then backpropagates tile by tile (memory of one tile); "
+              "*one pass* keeps every tile's activations and backpropagates once.", "",
+              "| case | gradient | trajectories | T | tile | ours transitions/s | ours s "
+              "| torch eager s | torch.compile s | ours / eager | ours / compile |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in (r for r in rows if r["kind"] == "update"):
-        lines.append(f"| {r['case']} | {r['batch']} | {r['steps']} | {r['tile'][0]}x{r['tile'][1]} "
+        lines.append(f"| {r['case']} | {r.get('gradient', 'tiled').replace('_', ' ')} "
+                     f"| {r['batch']} | {r['steps']} | {r['tile'][0]}x{r['tile'][1]} "
                      f"| {r['ours_transitions_per_s']:.1f} | {r['ours_s']:.3f} "
                      f"| {fmt(r, 'torch_eager_s')} | {fmt(r, 'torch_compile_s')} "
                      f"| {r.get('ratio_vs_eager', float('nan')):.2f} "
@@ -312,9 +327,54 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['case']} | {r['batch']} | {r['flops'] / 1e9:.3f} | "
                      f"{r['seconds'] * 1e3:.2f} | {r['flop_per_s'] / 1e9:.1f} | "
                      f"{r['utilisation']:.0%} |")
+    for r in (r for r in rows if r["kind"] == "world_epoch"):
+        lines += world_epoch_markdown(r)
+    for r in (r for r in rows if r["kind"] == "sd15"):
+        from benchmarks import sd15
+        lines += sd15.markdown(r)
     if result.get("notes"):
         lines += ["", "## Notes", "", *result["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def world_epoch_rows(size, rows, baseline):
+    from benchmarks import world_epoch
+    epochs, rounds, recipe = size.world_epoch
+    row = world_epoch.compare(baseline, epochs, rounds, recipe, log=log)
+    if row.get("ratio"):
+        log(f"  world_epoch: {row['mean']['new']['wall']:.2f}s against "
+            f"{row['mean']['old']['wall']:.2f}s at {baseline} = {row['ratio']:.2f}")
+    rows.append(row)
+
+
+def world_epoch_markdown(r) -> list[str]:
+    new, old = r["mean"]["new"], r["mean"].get("old")
+    runs = r["runs"]["new"][0]
+    lines = ["", f"## One epoch of the main job (`configs/world.py:{r['recipe']}`)", "",
+             f"Mean of {r['epochs']} epochs after a warm-up, in {r['rounds']} alternating "
+             f"fresh processes per tree, every step timed by phase (blocking after each call); "
+             f"{runs['devices']} devices."]
+    if old is None:
+        lines += ["", "| phase | this tree s |", "|---|---|"]
+        lines += [f"| {k} | {new[k]:.2f} |" for k in new]
+        return lines
+    cfg = lambda side: r["runs"][side][0]["config"]
+    lines += [f"Baseline: commit `{r['baseline']}` in a git worktree, with its own "
+              f"`configs/world.py`. Implementation fields that differ: "
+              + ", ".join(f"{k} {cfg('old')[k]} -> {cfg('new')[k]}" for k in cfg("new")
+                          if cfg("new")[k] != cfg("old").get(k)) + ".",
+              f"The same work at the same numerics: the epochs' losses agree to a relative "
+              f"{r['loss_rel_diff']:.1e} and their mean rewards to {r['reward_rel_diff']:.1e}.",
+              "", "| phase | baseline s | this tree s | this tree / baseline |",
+              "|---|---|---|---|"]
+    for k in new:
+        ratio = f"{new[k] / old[k]:.2f}" if old[k] > 1e-3 else "-"
+        lines.append(f"| {'**epoch**' if k == 'wall' else k} | {old[k]:.2f} | {new[k]:.2f} "
+                     f"| {ratio} |")
+    compile_s = lambda side: np.mean([x["compile_s"] for x in r["runs"][side]])
+    lines += ["", f"Compile before the first epoch (no persistent cache): {compile_s('old'):.1f} s "
+              f"at the baseline, {compile_s('new'):.1f} s here."]
+    return lines
 
 
 def main(argv=None) -> int:
@@ -323,7 +383,11 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="every code path once (CI smoke)")
     p.add_argument("--out", help="OUT.json and OUT.md (default docs/benchmarks; with --quick "
                                  "runs/benchmarks-quick)")
-    p.add_argument("--cases", nargs="+", choices=sorted(cases_lib.CASES))
+    p.add_argument("--cases", nargs="+",
+                   choices=sorted(cases_lib.CASES) + ["world_epoch", "sd15_512"])
+    p.add_argument("--baseline", default=None,
+                   help="commit the world_epoch case compares against (default "
+                        "benchmarks.world_epoch.BASELINE; --quick: none)")
     p.add_argument("--child-memory", nargs=5, help=argparse.SUPPRESS)
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     if args.child_memory:
@@ -345,6 +409,17 @@ def main(argv=None) -> int:
     rows = []
     t0 = time.perf_counter()
     for name in args.cases or size.cases:
+        if name == "world_epoch":
+            log("world_epoch:")
+            from benchmarks import world_epoch
+            world_epoch_rows(size, rows, args.baseline or (None if args.quick
+                                                           else world_epoch.BASELINE))
+            continue
+        if name == "sd15_512":
+            log("sd15_512:")
+            from benchmarks import sd15
+            rows.append(sd15.run(log=log))
+            continue
         case = cases_lib.CASES[name]
         log(f"{name}:")
         sampling_rows(case, size, rows)

@@ -65,14 +65,17 @@ class Size:
     repeats: int                  # timed runs per figure (after one warm-up); the median is kept
     torch_compile: bool           # also time torch.compile'd models
     flop_batches: tuple           # UNet forward batch sizes of the FLOP-utilisation rows
+    gradients: tuple = ("tiled", "one_pass")   # train.gradient modes of the update rows
+    world_epoch: tuple = (3, 2, "prdp")        # main-job epochs timed, rounds, recipe
 
 
 SIZES = {
-    "full": Size(cases=("toy", "tiny_sd"), sample_batches=(8, 32), sample_steps=10,
+    "full": Size(cases=("toy", "tiny_sd", "world_epoch", "sd15_512"), sample_batches=(8, 32), sample_steps=10,
                  update_batches=(8, 16), tile=(8, 5), compile_steps=(10, 25, 50),
                  memory_steps=(10, 50), memory_images=(4, 16), repeats=5, torch_compile=True,
                  flop_batches=(8, 64)),
-    "quick": Size(cases=("micro",), sample_batches=(8,), sample_steps=2, update_batches=(8,),
+    "quick": Size(cases=("micro", "world_epoch"), sample_batches=(8,), sample_steps=2,
+                  update_batches=(8,),
                   tile=(8, 2), compile_steps=(2,), memory_steps=(2,), memory_images=(4,),
-                  repeats=1, torch_compile=False, flop_batches=(8,)),
+                  repeats=1, torch_compile=False, flop_batches=(8,), world_epoch=(1, 1, "tiny")),
 }

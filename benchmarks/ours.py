@@ -3,7 +3,7 @@
 Sampling is the trainer's sampler step (the `lax.scan` chain with CFG, recording log-probs);
 an update is one optimiser step of the trainer on one minibatch: scoring its transitions under
 the current params (forward only), the PRDP loss and its per-transition weights, the gradient tile
-by tile, and AdamW. The per-epoch scoring under theta_old and the reference is not part of it.
+by tile, and AdamW (`train.gradient="tiled"`), or the loss and gradient in one pass ("one_pass"). The per-epoch scoring under theta_old and the reference is not part of it.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def median_seconds(fn, repeats: int) -> float:
 
 
 def make_config(case: Case, num_steps: int, minibatch: int, images: int, tile: tuple,
-                sample_batch: int):
+                sample_batch: int, gradient: str = "tiled"):
     """A one-minibatch epoch of `minibatch` trajectories (`images` per prompt) on one device."""
     c = config_lib.base_config()
     c.model.unet.update(case.unet)
@@ -49,6 +49,7 @@ def make_config(case: Case, num_steps: int, minibatch: int, images: int, tile: t
     t.prompts_per_epoch = t.prompts_per_minibatch = minibatch // images
     t.passes_per_epoch = 1
     t.microbatch_trajectories, t.microbatch_steps = min(tile[0], minibatch), tile[1]
+    t.gradient = gradient
     c.prdp.beta, c.prdp.clip_eps = 1e-3, 1e-2
     c.log.compile_cache = ""
     return c  # the mesh: every device of this process (see runtime.configure_cpu_devices)

@@ -20,12 +20,19 @@ from prdp_jax.core import diffusion
 from prdp_jax.models.convert import params_to_state_dict
 
 
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def median_seconds(fn, repeats: int) -> float:
     fn()
+    synchronize()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
+        synchronize()
         times.append(time.perf_counter() - t0)
     return float(np.median(times))
 
@@ -41,20 +48,25 @@ def make_unet(case: Case, params) -> torch.nn.Module:
 
 
 class Policy:
-    """The DDIM(eta) Gaussian policy of `coeffs` around a torch UNet, with CFG."""
+    """The DDIM(eta) Gaussian policy of `coeffs` around a torch UNet, with CFG, on `device`;
+    with `autocast` (a dtype) the UNet runs under torch.autocast and the log-probs in float32."""
 
     def __init__(self, unet, coeffs: diffusion.StepCoefficients, guidance: float,
-                 uncond: torch.Tensor):
-        self.unet, self.guidance, self.uncond = unet, guidance, uncond
-        self.t = torch.as_tensor(np.asarray(coeffs.t), dtype=torch.long)
-        self.c_x = torch.as_tensor(coeffs.c_x)
-        self.c_out = torch.as_tensor(coeffs.c_out)
-        self.sigma = torch.as_tensor(coeffs.sigma)
+                 uncond: torch.Tensor, device: str = "cpu", autocast=None):
+        self.device, self.autocast = torch.device(device), autocast
+        self.unet, self.guidance, self.uncond = unet, guidance, uncond.to(self.device)
+        on = lambda v, dtype=None: torch.as_tensor(np.asarray(v), dtype=dtype).to(self.device)
+        self.t = on(coeffs.t, torch.long)
+        self.c_x, self.c_out, self.sigma = on(coeffs.c_x), on(coeffs.c_out), on(coeffs.sigma)
 
     def guided(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
         uncond = self.uncond.expand(b, -1, -1)
-        out = self.unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, context])).sample
+        with torch.autocast(self.device.type, dtype=self.autocast,
+                            enabled=self.autocast is not None):
+            out = self.unet(torch.cat([x, x]), torch.cat([t, t]),
+                            torch.cat([uncond, context])).sample
+        out = out.float()
         return out[:b] + self.guidance * (out[b:] - out[:b])
 
     def log_prob(self, x_t, x_prev, k: torch.Tensor, context) -> torch.Tensor:
@@ -71,12 +83,13 @@ class Policy:
     def sample(self, context: torch.Tensor, generator: torch.Generator, shape: tuple):
         """-> (latents [B, T+1, C, H, W], log_probs [B, T])."""
         b = context.shape[0]
-        x = torch.randn((b,) + shape, generator=generator)
+        x = torch.randn((b,) + shape, generator=generator, device=self.device)
         chain, log_probs = [x], []
         for k in range(len(self.t)):
             out = self.guided(x, self.t[k].expand(b), context)
             mean = self.c_x[k] * x + self.c_out[k] * out
-            x_prev = mean + self.sigma[k] * torch.randn(mean.shape, generator=generator)
+            x_prev = mean + self.sigma[k] * torch.randn(mean.shape, generator=generator,
+                                                        device=self.device)
             log_probs.append((-(x_prev - mean) ** 2 / (2 * self.sigma[k] ** 2)
                               - torch.log(self.sigma[k]) - 0.5 * math.log(2 * math.pi)
                               ).mean(dim=(1, 2, 3)))
@@ -100,12 +113,17 @@ def rdp_loss(log_probs, old, ref, rewards, images: int, beta: float, eps: float)
 
 
 class Update:
-    """One optimiser step on a minibatch of stored trajectories, tiled like ours."""
+    """One optimiser step on a minibatch of stored trajectories, tiled like ours: "tiled" scores
+    every transition without a graph, then backpropagates tile by tile; "one_pass" runs every
+    tile's forward with its graph kept and backpropagates the loss once."""
 
     def __init__(self, policy: Policy, latents, context, rewards, images: int, tile: tuple,
-                 beta: float = 1e-3, eps: float = 1e-2, lr: float = 1e-5):
-        self.policy, self.latents, self.context, self.rewards = policy, latents, context, rewards
+                 beta: float = 1e-3, eps: float = 1e-2, lr: float = 1e-5, gradient: str = "tiled"):
+        on = lambda v: v.to(policy.device)
+        self.policy, self.latents, self.context, self.rewards = (policy, on(latents), on(context),
+                                                                 on(rewards))
         self.images, self.tile, self.beta, self.eps = images, tile, beta, eps
+        self.one_pass = gradient == "one_pass"
         n, T1 = latents.shape[:2]
         self.n, self.T = n, T1 - 1
         self.params = [p for p in policy.unet.parameters()]
@@ -118,7 +136,8 @@ class Update:
         a, s = self.tile
         for j in range(0, self.n, a):
             for c in range(0, self.T, s):
-                yield slice(j, j + a), torch.arange(c, min(c + s, self.T))
+                yield slice(j, j + a), torch.arange(c, min(c + s, self.T),
+                                                    device=self.policy.device)
 
     def tile_log_probs(self, rows: slice, steps: torch.Tensor) -> torch.Tensor:
         """[a, s] log-probs of one tile's transitions, batched as a * s."""
@@ -131,13 +150,21 @@ class Update:
         return self.policy.log_prob(x_t, x_prev, k, context).view(a, s)
 
     def score(self) -> torch.Tensor:
-        out = torch.empty(self.n, self.T)
+        out = torch.zeros(self.n, self.T, device=self.policy.device)
         for rows, steps in self.tiles():
-            out[rows, steps] = self.tile_log_probs(rows, steps)
+            mask = torch.zeros(self.n, self.T, dtype=torch.bool, device=self.policy.device)
+            mask[rows, steps] = True
+            out = out.masked_scatter(mask, self.tile_log_probs(rows, steps))
         return out
 
     def gradient(self) -> torch.Tensor:
         """Leaves dL/dtheta in the parameters' .grad; returns the loss."""
+        if self.one_pass:
+            self.opt.zero_grad(set_to_none=True)
+            loss = rdp_loss(self.score(), self.old, self.ref, self.rewards, self.images,
+                            self.beta, self.eps)
+            loss.backward()
+            return loss.detach()
         with torch.no_grad():
             log_probs = self.score()
         log_probs.requires_grad_(True)

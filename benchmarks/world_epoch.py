@@ -175,29 +175,33 @@ def worktree(commit: str):
                        capture_output=True)
 
 
-def compare(baseline: str, epochs: int, rounds: int, recipe: str, log=print) -> dict:
-    """The current tree against `baseline`, `rounds` alternating child runs of each."""
+def compare(baseline, epochs: int, rounds: int, recipe: str, log=print) -> dict:
+    """The current tree against the commit `baseline` (None: this tree only), `rounds`
+    alternating child runs of each."""
     import numpy as np
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     script = os.path.abspath(__file__)
-    runs = {"old": [], "new": []}
-    with worktree(baseline) as old_tree:
+    runs = {"old": [], "new": []} if baseline else {"new": []}
+    with (worktree(baseline) if baseline else contextlib.nullcontext()) as old_tree:
+        trees = (("old", old_tree), ("new", here)) if baseline else (("new", here),)
         for r in range(rounds):
-            for side, tree in (("old", old_tree), ("new", here)):
+            for side, tree in trees:
                 result = run_child(tree, epochs, recipe, script)
                 runs[side].append(result)
                 log(f"  world_epoch {side} round {r + 1}: {result['mean']['wall']:.2f}s an epoch "
                     f"(compile {result['compile_s']:.1f}s)")
     mean = {side: {k: float(np.mean([run["mean"][k] for run in rs]))
                    for k in (*PHASES, "wall")} for side, rs in runs.items()}
-    old_e, new_e = runs["old"][0]["epochs"], runs["new"][0]["epochs"]
-    rel = lambda a, b: abs(a - b) / max(abs(b), 1e-12)
-    return {"case": "world_epoch", "kind": "world_epoch", "baseline": baseline, "recipe": recipe,
-            "epochs": epochs, "rounds": rounds, "runs": runs, "mean": mean,
-            "ratio": mean["new"]["wall"] / mean["old"]["wall"],
-            "loss_rel_diff": max(rel(n["loss"], o["loss"]) for n, o in zip(new_e, old_e)),
-            "reward_rel_diff": max(rel(n["reward_mean"], o["reward_mean"])
-                                   for n, o in zip(new_e, old_e))}
+    row = {"case": "world_epoch", "kind": "world_epoch", "baseline": baseline, "recipe": recipe,
+           "epochs": epochs, "rounds": rounds, "runs": runs, "mean": mean}
+    if baseline:
+        old_e, new_e = runs["old"][0]["epochs"], runs["new"][0]["epochs"]
+        rel = lambda a, b: abs(a - b) / max(abs(b), 1e-12)
+        row.update(ratio=mean["new"]["wall"] / mean["old"]["wall"],
+                   loss_rel_diff=max(rel(n["loss"], o["loss"]) for n, o in zip(new_e, old_e)),
+                   reward_rel_diff=max(rel(n["reward_mean"], o["reward_mean"])
+                                       for n, o in zip(new_e, old_e)))
+    return row
 
 
 def main() -> int:

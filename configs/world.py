@@ -78,6 +78,7 @@ def get_config(recipe: str = "prdp"):
     c.train.gradient = "one_pass"
     c.train.microbatch_trajectories = 16
     c.train.microbatch_steps = 3
+    c.train.score_microbatch_steps = 1     # the reference's scoring: 16 x 1 x CFG rows a call
     c.sample.batch_size = 16
     # Full-UNet updates lower the reward at every rate tried (2e-5..2e-4): with 32 trajectories
     # per step the policy gradient is mostly noise, and noise along output-sensitive directions

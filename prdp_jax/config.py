@@ -150,6 +150,9 @@ def base_config() -> ml_collections.ConfigDict:
                                     # several minibatches the clip binds from the second step on.
     t.microbatch_trajectories = 8   # Trajectories per gradient tile (memory, not maths).
     t.microbatch_steps = 10         # Steps per gradient tile (memory, not maths).
+    t.score_microbatch_steps = 0    # Steps per tile of the forward-only scoring passes (log
+                                    # pi_ref, the tiled gradient's scoring): 0 = microbatch_steps.
+                                    # They keep no activations; on a CPU small tiles run fastest.
     t.gradient = "tiled"            # How a minibatch's exact gradient is taken (same maths):
                                     # "tiled": score every transition (forward), the loss, then
                                     # each tile's forward and backward: memory of one tile;
@@ -257,6 +260,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
                  "prompts_per_minibatch", "microbatch_trajectories", "microbatch_steps"):
         if int(t[name]) < 1:
             raise ConfigError(f"train.{name} must be >= 1, got {t[name]}")
+    if int(t.score_microbatch_steps) < 0:
+        raise ConfigError(f"train.score_microbatch_steps must be >= 0 (0: microbatch_steps), got "
+                          f"{t.score_microbatch_steps}")
     if t.gradient not in GRADIENTS:
         raise ConfigError(f"train.gradient must be one of {GRADIENTS}, got {t.gradient!r}")
     if c.method == "prdp" and t.images_per_prompt < 2:

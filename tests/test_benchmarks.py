@@ -29,11 +29,12 @@ def test_torch_rdp_loss_is_ours():
 
 
 @pytest.mark.slow
-def test_torch_update_gradient_equals_ours():
+@pytest.mark.parametrize("gradient", ["tiled", "one_pass"])
+def test_torch_update_gradient_equals_ours(gradient):
     """On the same weights and stored trajectories, the PyTorch update's gradient (diffusers UNet,
-    NCHW, tiles, autograd) equals our trainer's exact microbatched gradient."""
+    NCHW, tiles, autograd) equals our trainer's exact microbatched gradient, in both modes."""
     case = cases.CASES["micro"]
-    setup = ours.Setup(case, ours.make_config(case, 3, 8, 4, (8, 2), 8))
+    setup = ours.Setup(case, ours.make_config(case, 3, 8, 4, (8, 2), 8, gradient))
     setup.compile()
     data = setup.epoch_data()
     # theta moved away from theta_old, so the clip and the max are active on both sides
@@ -44,7 +45,8 @@ def test_torch_update_gradient_equals_ours():
                            case.guidance, torch.from_numpy(np.array(setup.uncond)))
     update = theirs.Update(policy, theirs.to_nchw(np.array(data.latents[0])),
                            torch.from_numpy(np.array(data.context[0])),
-                           torch.from_numpy(np.array(data.rewards[0])), 4, (8, 2))
+                           torch.from_numpy(np.array(data.rewards[0])), 4, (8, 2),
+                           gradient=gradient)
     update.old = torch.from_numpy(np.array(data.log_probs_old[0]))
     update.ref = torch.from_numpy(np.array(data.log_probs_ref[0]))
     torch_loss = update.gradient()
@@ -66,7 +68,8 @@ def test_quick_benchmark_writes_every_measurement(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(open(f"{out}.json").read())
     kinds = {r["kind"] for r in result["rows"]}
-    assert kinds == {"sampling", "update", "compile", "memory", "flops"}
+    assert kinds == {"sampling", "update", "compile", "memory", "flops", "world_epoch"}
+    assert {r["gradient"] for r in result["rows"] if r["kind"] == "update"} == {"tiled", "one_pass"}
     for r in result["rows"]:
         if r["kind"] in ("sampling", "update"):
             assert r["ours_s"] > 0 and r["torch_eager_s"] > 0 and r["ratio_vs_eager"] > 0
@@ -75,5 +78,25 @@ def test_quick_benchmark_writes_every_measurement(tmp_path):
         if r["kind"] == "flops":
             assert r["flops"] > 0 and 0 < r["utilisation"]
     assert {v["target"] for v in result["verdicts"]} >= {"sampling", "update", "flops"}
+    world = next(r for r in result["rows"] if r["kind"] == "world_epoch")
+    phases = world["mean"]["new"]
+    assert phases["sampling"] > 0 and phases["update: gradient"] > 0 and phases["wall"] > 0
+    assert abs(sum(v for k, v in phases.items() if k != "wall") - phases["wall"]) < 1e-6
     table = open(f"{out}.md").read()
-    assert "## Targets" in table and "micro" in table
+    assert "## Targets" in table and "micro" in table and "One epoch of the main job" in table
+
+
+@pytest.mark.slow
+def test_world_epoch_compares_two_trees_at_equal_numerics():
+    """The world_epoch case runs this tree and a baseline commit's worktree, and (both trees being
+    this commit) finds the same losses and rewards."""
+    from benchmarks import world_epoch
+    head = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+    if not head:
+        pytest.skip("not a git checkout")
+    row = world_epoch.compare(head, 1, 1, "tiny", log=lambda *a: None)
+    assert set(row["runs"]) == {"old", "new"}
+    assert row["runs"]["old"][0]["tree"] != row["runs"]["new"][0]["tree"]
+    assert row["loss_rel_diff"] < 1e-5 and row["reward_rel_diff"] < 1e-5
+    assert row["ratio"] > 0

@@ -52,8 +52,8 @@ def sample_and_score(ctx: steps_lib.StepContext, params, ref_params, frozen,
         return images, zeros
     transitions = tiled_gradient.Transitions(traj.latents, context, traj.log_probs, traj.log_probs,
                                      zeros, zeros)
-    ref = tiled_gradient.score(ctx.pipe.denoiser, ref_params, transitions, uncond, ctx.coeffs, ctx.tiling,
-                       **ctx.policy_kwargs)
+    ref = tiled_gradient.score(ctx.pipe.denoiser, ref_params, transitions, uncond, ctx.coeffs,
+                               ctx.score_tiling, **ctx.policy_kwargs)
     return images, (traj.log_probs - ref).mean(-1)
 
 

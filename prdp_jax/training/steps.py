@@ -77,7 +77,8 @@ class StepContext:
 
     pipe: Pipeline
     coeffs: diffusion.StepCoefficients
-    tiling: tiled_gradient.Tiling
+    tiling: tiled_gradient.Tiling        # the gradient's tiles
+    score_tiling: tiled_gradient.Tiling  # the forward-only scoring passes' tiles
     guidance_scale: float
     reduce: str                  # per-step log-prob over latent elements: "mean" or "sum"
     constrain: Callable          # pins a batch-leading array to the mesh's batch axes
@@ -97,7 +98,9 @@ def policy_coefficients(config: ml_collections.ConfigDict) -> diffusion.StepCoef
 
 def step_context(config: ml_collections.ConfigDict, pipe: Pipeline, mesh: Mesh,
                  coeffs: diffusion.StepCoefficients, tiling: tiled_gradient.Tiling) -> StepContext:
+    score_steps = config.train.score_microbatch_steps or tiling.steps
     return StepContext(pipe=pipe, coeffs=coeffs, tiling=tiling,
+                       score_tiling=dataclasses.replace(tiling, steps=score_steps),
                        guidance_scale=config.sample.guidance_scale,
                        reduce=config.sample.logprob_reduction,
                        constrain=sharding.constrain_batch(mesh))
@@ -182,7 +185,7 @@ def minibatch(data: tiled_gradient.Transitions, m: jax.Array) -> tiled_gradient.
 def score_minibatch(ctx: StepContext, params, data: tiled_gradient.Transitions, uncond, m):
     """[n, T] log pi_params of minibatch m's transitions (forward only)."""
     return tiled_gradient.score(ctx.pipe.denoiser, params, minibatch(data, m), uncond, ctx.coeffs,
-                        ctx.tiling, **ctx.policy_kwargs)
+                                ctx.score_tiling, **ctx.policy_kwargs)
 
 
 def minibatch_weights(objective: tiled_gradient.Objective, data: tiled_gradient.Transitions, m, log_probs):
