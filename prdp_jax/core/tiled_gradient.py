@@ -168,7 +168,8 @@ def score(denoiser: diffusion.Denoiser, params: chex.ArrayTree, mb: Transitions,
         return log_prob
 
     if unroll:
-        tiles = jnp.stack([one((j, c)) for j, c in zip(js, cs)])
+        one_tile = jax.jit(one)  # traced (and differentiated) once, called per tile
+        tiles = jnp.stack([one_tile((j, c)) for j, c in zip(js, cs)])
     else:
         tiles = jax.lax.map(one, (jnp.asarray(js), jnp.asarray(cs)))  # [tiles, S, a', s]
     nj, nc, s = tiling.num_trajectory_tiles, tiling.num_step_tiles, tiling.steps_per_tile

@@ -118,7 +118,8 @@ def summary(setup: Setup) -> list[str]:
     else:
         lines.append(f"ddpo: clip range {c.ddpo.clip_range:g}, {c.ddpo.normalization} "
                      f"normalisation, advantages clipped to +-{c.ddpo.adv_clip_max:g}")
-    lines.append(f"gradient tiles: {til.trajectories} trajectories x {til.steps_per_tile} steps "
+    how = "one-pass gradient" if t.gradient == "one_pass" else "gradient"
+    lines.append(f"{how} tiles: {til.trajectories} trajectories x {til.steps_per_tile} steps "
                  f"= {til.trajectories * til.steps_per_tile} transitions, {til.num_tiles} per "
                  f"minibatch")
     return lines
@@ -181,6 +182,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
     during setup or compilation stop the run cleanly too. Without one, it is installed here, for
     the epochs only.
     """
+    began = time.perf_counter()
     config_lib.validate(config)
     is_main = jax.process_index() == 0
     say = log if is_main else (lambda *a, **k: None)
@@ -198,7 +200,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
     created = not os.path.exists(workdir)
     workdir = prepare_workdir(workdir)
     try:
-        return run_in_workdir(setup, workdir, reward_fn, train_prompts, say, stop)
+        return run_in_workdir(setup, workdir, reward_fn, train_prompts, say, stop, began)
     except UserError:
         # A run that fails before its first checkpoint leaves no workdir it created.
         if created and is_main and not any(
@@ -208,8 +210,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
 
 
 def run_in_workdir(setup: Setup, workdir: str, reward_fn, train_prompts: list[str], say,
-                   stop: Optional[preemption.StopSignal]) -> dict:
-    """`train_and_evaluate` after its checks: the workdir exists and the setup is built."""
+                   stop: Optional[preemption.StopSignal], began: float) -> dict:
+    """`train_and_evaluate` after its checks: the workdir exists and the setup is built
+    (`began`: the run's start, perf_counter seconds)."""
     config, pipe, mesh = setup.config, setup.pipe, setup.mesh
     is_main = jax.process_index() == 0
     show = bool(config.log.progress) and is_main
@@ -235,9 +238,12 @@ def run_in_workdir(setup: Setup, workdir: str, reward_fn, train_prompts: list[st
         say(f"resumed from {checkpointer.directory}/{start} (epoch {start} done)")
     if is_main:
         files.atomic_write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    t0 = time.perf_counter()
     setup, _ = compile_setup(setup, frozen, log=say)
+    compiled = time.perf_counter() - t0
     evaluator = evaluation.Evaluator(config, pipe, mesh, reward_fn) if config.eval.sets else None
     before = after = None  # after: the final evaluation, if the last epoch's periodic one made it
+    t0 = time.perf_counter()
     if evaluator is not None:
         before = files.read_json(os.path.join(workdir, "eval", "before.json"), missing_ok=True)
         if before is None:
@@ -245,6 +251,8 @@ def run_in_workdir(setup: Setup, workdir: str, reward_fn, train_prompts: list[st
             before = evaluator.run_sets(ref_params, None, frozen, "before", workdir, show)
         for line in evaluation.table(before):
             say(line)
+    say(f"ready after {time.perf_counter() - began:.1f}s: steps compiled in {compiled:.1f}s, "
+        f"reference evaluated in {time.perf_counter() - t0:.1f}s")
 
     last = {}
     own_stop = stop is None

@@ -346,11 +346,11 @@ def compile_steps(steps: Steps, ctx: StepContext, shape: EpochShape, sh: Shardin
     scalar = sds((), jnp.int32, repl)
     weights = sds((n, T), jnp.float32, sh.batch)
     grads = jax.tree.map(lambda a: sds(a.shape, jnp.float32, a.sharding), abstract.params)
-    todo = {
-        "sample": (abstract.params, frozen_abs, ctx_abs, unc, key, idx),
-        "score": (abstract.params, data, unc, scalar),
+    todo = {  # the longest compile first: the others share the second core meanwhile
         **({"loss_and_grad": (abstract.params, data, unc, scalar)} if gradient == "one_pass" else
            {"grad_tile": (abstract.params, data, unc, weights, scalar, scalar, scalar, grads)}),
+        "sample": (abstract.params, frozen_abs, ctx_abs, unc, key, idx),
+        "score": (abstract.params, data, unc, scalar),
         "apply": (abstract.params, abstract.opt_state, grads, sds((), jnp.float32, repl)),
     }
     def compile_one(name):
