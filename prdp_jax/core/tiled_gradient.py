@@ -11,6 +11,9 @@ each is a function of the per-step log-probs alone. So the gradient is taken in 
    accumulator; the trainer calls it once per tile from Python. By the chain rule the sum over tiles
    is exactly dL/dtheta, while memory holds one tile's activations, whatever T or images per prompt.
 
+`loss_and_grad` takes the same gradient in one program where memory allows: every tile's forward
+once with its activations kept, the weights, then every tile's backward (no second forward).
+
 Transitions are never backpropagated through the chain: stored latents are data. A tile is
 `Tiling.trajectories` trajectories x `Tiling.steps` steps, flattened into one batch so convolutions
 run batched. Trajectories are viewed as [shards, n / shards] and each tile takes the same rows from

@@ -308,7 +308,8 @@ def build_steps(ctx: StepContext, shape: EpochShape, sh: Shardings, trainable: s
                           out_shardings=ps, donate_argnums=7),
         loss_and_grad=jax.jit(partial(loss_and_grad, ctx, objective, trainable),
                               in_shardings=(ps, ep, repl, repl), out_shardings=(repl, ps, repl)),
-        apply=jax.jit(partial(apply_gradients, optimizer, trainable), out_shardings=(ps, None, repl, repl),
+        apply=jax.jit(partial(apply_gradients, optimizer, trainable),
+                      out_shardings=(ps, None, repl, repl),
                       donate_argnums=(0, 1)),
         # Gradients accumulate in float32 whatever the params' dtype.
         zeros=jax.jit(lambda p: jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), p),
