@@ -77,6 +77,11 @@ def machine() -> dict:
             "torch_threads": torch.get_num_threads(), "python": platform.python_version()}
 
 
+def isa(m: dict) -> str:
+    """The CPU's widest vector extension, as `lscpu` flags name it."""
+    return "AVX-512" if m.get("avx512") else "AVX2 only" if m.get("avx2") else "no AVX2"
+
+
 def use_all_cores(size) -> None:
     """As the trainer does on a CPU host (runtime.configure_cpu_devices): one JAX device per core
     (at most; the count divides every batch), so our side uses every core as torch's threads do."""
@@ -269,8 +274,8 @@ def markdown(result: dict) -> str:
     rows = result["rows"]
     lines = ["# Benchmarks", "",
              f"`python -m benchmarks{' --quick' if result['quick'] else ''}` on {m['cpu']} "
-             f"({m['cores']} cores), JAX {m['jax']} on {m['jax_device']}, PyTorch {m['torch']} "
-             f"({m['torch_threads']} threads), {result['date']}. Medians of "
+             f"({m['cores']} cores, {isa(m)}), JAX {m['jax']} on {m['jax_device']}, "
+             f"PyTorch {m['torch']} ({m['torch_threads']} threads), {result['date']}. Medians of "
              f"{result['repeats']} timed runs after a warm-up; ratios are ours / theirs "
              "(below 1: we are faster).", "", "## Targets", "",
              "| target | where | measured | limit | met |", "|---|---|---|---|---|"]

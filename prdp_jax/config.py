@@ -34,6 +34,11 @@ def base_config() -> ml_collections.ConfigDict:
                                     # "world": the embedded world's base; "diffusers": model.path.
     m.init_seed = 0                 # Seed of the random init (reference and trainable start).
     m.dtype = "float32"             # Activation dtype of the UNet ("float32" or "bfloat16").
+    m.score_dtype = ""              # Activation dtype of the UNet where it scores stored
+                                    # transitions (theta_old's re-score, the reference, the
+                                    # update's forward and gradient); "" = model.dtype. bf16
+                                    # rounding moves a per-step log-ratio by far more than the
+                                    # paper's clip eps: docs/stable_diffusion.md#precision.
     m.param_dtype = "float32"       # Stored dtype of every model weight, trainable and frozen
                                     # ("float32" or "bfloat16"). AdamW moments and the gradient
                                     # accumulator stay float32; bf16 trainable weights round away
@@ -310,6 +315,14 @@ def validate(c: ml_collections.ConfigDict) -> None:
                           f"got {c.ddpo.normalization!r}")
     if c.model.dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"model.dtype must be 'float32' or 'bfloat16', got {c.model.dtype!r}")
+    if c.model.score_dtype not in ("", "float32", "bfloat16"):
+        raise ConfigError(f"model.score_dtype must be '', 'float32' or 'bfloat16', got "
+                          f"{c.model.score_dtype!r}")
+    if (c.model.score_dtype or c.model.dtype) != c.model.dtype and not t.rescore_old \
+            and t.sampling == "online":
+        raise ConfigError(f"model.score_dtype={c.model.score_dtype} differs from model.dtype="
+                          f"{c.model.dtype}: set train.rescore_old=True, so that the clip's "
+                          f"centre log pi_theta_old comes from the same scorer as the update")
     if c.model.param_dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"model.param_dtype must be 'float32' or 'bfloat16', "
                           f"got {c.model.param_dtype!r}")
@@ -395,4 +408,6 @@ def to_json(c: ml_collections.ConfigDict) -> str:
 def fingerprint(c: ml_collections.ConfigDict) -> dict:
     """The config fields a checkpoint's contents depend on; a resume must match them."""
     d = json.loads(to_json(c))
-    return {"method": d["method"], "model": d["model"], "seed": d["seed"]}
+    # The scorer's precision changes no saved array (and runs from before it existed resume).
+    model = {k: v for k, v in d["model"].items() if k != "score_dtype"}
+    return {"method": d["method"], "model": model, "seed": d["seed"]}

@@ -228,3 +228,43 @@ def test_jpeg_reward_rises_in_a_short_run(tmp_path):
     assert out["metrics"]["drift"] > 0
     assert os.path.exists(tmp_path / "samples" / "epoch_00001.png")
     assert os.path.isdir(tmp_path / "tensorboard")
+
+
+def test_score_dtype_scores_bf16_samples_in_float32():
+    """model.score_dtype=float32 under bf16 sampling: theta_old's re-score and the update's
+    scoring are the float32 model's log-probs (not the bf16 sampler's), so at theta = theta_old
+    the log-ratio is exactly 0; without train.rescore_old the config is refused."""
+    prompts = prompt_sets.PromptSampler(prompt_sets.load("animal_names"), 0).sample(4)
+    reward = rewards.combine({"jpeg_compressibility": 1.0})
+    logs = {}
+    setups = {}
+    for name, dtypes in {"mixed": ("bfloat16", "float32"), "float32": ("float32", "")}.items():
+        config = tiny_config(**{"model.dtype": dtypes[0], "model.score_dtype": dtypes[1],
+                                "train.rescore_old": True})
+        config_lib.validate(config)
+        mesh = sharding.mesh_from_config(config.mesh)
+        lines = []
+        pipe = build_pipeline(config, mesh, log=lines.append)
+        setups[name] = (epoch_lib.make_setup(config, pipe, mesh), pipe)
+        logs[name] = lines
+    assert any("scored with float32" in line for line in logs["mixed"])
+    mixed, pipe = setups["mixed"]
+    f32, _ = setups["float32"]
+    frozen, ref = pipe.frozen_params(), pipe.unet_params()
+    state = mixed.init_state(pipe.unet_params())
+    sampled = epoch_lib.sample_and_reward(
+        mixed, state.params, frozen, prompts, state_lib.epoch_key(state, 0, mixed.shardings.replicated),
+        reward, 0, False)
+    data, info = epoch_lib.score_transitions(mixed, state.params, ref, sampled,
+                                             np.zeros(16, np.float32), 0)
+    want, _ = epoch_lib.score_transitions(f32, state.params, ref, sampled,
+                                          np.zeros(16, np.float32), 0)
+    np.testing.assert_allclose(data.log_probs_old, want.log_probs_old, rtol=1e-6, atol=1e-6)
+    assert info["logprob_resample_mismatch"] > 1e-4        # the bf16 sampler's own log-probs
+    again = jax.numpy.stack([mixed.steps.score(state.params, data, sampled.uncond, m)
+                             for m in mixed.index[:mixed.shape.minibatches]])
+    np.testing.assert_array_equal(np.asarray(again), np.asarray(data.log_probs_old))
+    with pytest.raises(ConfigError, match="train.rescore_old=True"):
+        config_lib.validate(tiny_config(**{"model.dtype": "bfloat16",
+                                           "model.score_dtype": "float32",
+                                           "train.rescore_old": False}))

@@ -52,6 +52,8 @@ class Pipeline:
         the 'fsdp' axis (sharding.gather_over_fsdp); identity by default.
       validate_prompt: raises PromptError for a prompt the pipeline cannot use (the world: a
         caption outside its grammar); None = any prompt the tokenizer takes.
+      score_dtype: the UNet's activation dtype in `score_denoiser` (model.score_dtype); None =
+        the UNet's own.
     """
 
     unet: UNet
@@ -64,6 +66,7 @@ class Pipeline:
     abstract_unet_params: Any
     gather: Callable[[Any], Any] = lambda params: params
     validate_prompt: Callable[[str], None] | None = None
+    score_dtype: Any = None
 
     def check_prompts(self, prompts: Sequence[str], where: str) -> None:
         """Tokenizes (and, for the world, parses) every prompt of a set up front: one error naming
@@ -86,6 +89,12 @@ class Pipeline:
     def denoiser(self, params, x, t, context):
         """(params, x [B,H,W,C], t [B], context [B,L,D]) -> [B,H,W,C] model output."""
         return self.unet.apply({"params": self.gather(params)}, x, t, context)
+
+    def score_denoiser(self, params, x, t, context):
+        """`denoiser` with the activations in `score_dtype`: the model that scores stored
+        transitions (the sampler keeps `denoiser`)."""
+        unet = self.unet if self.score_dtype is None else self.unet.clone(dtype=self.score_dtype)
+        return unet.apply({"params": self.gather(params)}, x, t, context)
 
     def encode_text(self, frozen, ids: jax.Array) -> jax.Array:
         """[N, L] ids -> [N, L, D] last hidden states."""

@@ -6,7 +6,7 @@ from jax.sharding import Mesh
 
 from prdp_jax import plugins  # noqa: F401  (registers the built-in sources)
 from prdp_jax.infra.errors import ConfigError
-from prdp_jax.pipelines.base import SOURCES, Pipeline
+from prdp_jax.pipelines.base import DTYPES, SOURCES, Pipeline
 
 
 def build_pipeline(config: ml_collections.ConfigDict, mesh: Mesh, log=print) -> Pipeline:
@@ -22,4 +22,10 @@ def build_pipeline(config: ml_collections.ConfigDict, mesh: Mesh, log=print) -> 
     if source not in SOURCES:
         raise ConfigError(f"model.source must be one of {', '.join(repr(s) for s in sorted(SOURCES))}"
                           f", got {source!r}")
-    return SOURCES[source](config, mesh, log=log)
+    pipe = SOURCES[source](config, mesh, log=log)
+    score_dtype = config.model.get("score_dtype", "")
+    if score_dtype and score_dtype != config.model.dtype:
+        pipe.score_dtype = DTYPES[score_dtype]
+        log(f"stored transitions are scored with {score_dtype} activations "
+            f"(model.score_dtype); the sampler runs in {config.model.dtype}")
+    return pipe

@@ -81,11 +81,13 @@ def make_setup(config: ml_collections.ConfigDict, pipe: "Pipeline", mesh: Mesh) 
                  index=tuple(steps_lib.scalars(count, sh.replicated)))
 
 
-def compile_setup(setup: Setup, frozen, log=print) -> tuple[Setup, dict]:
-    """`setup` with its heavy steps compiled ahead of time, and the compile stats."""
+def compile_setup(setup: Setup, frozen, log=print, parallel: bool = True) -> tuple[Setup, dict]:
+    """`setup` with its heavy steps compiled ahead of time (side by side unless not
+    `parallel`), and the compile stats."""
     steps, stats = steps_lib.compile_steps(setup.steps, setup.ctx, setup.shape, setup.shardings,
                                            setup.abstract_state(), frozen,
-                                           setup.config.train.gradient, log=log)
+                                           setup.config.train.gradient, log=log,
+                                           parallel=parallel)
     return dataclasses.replace(setup, steps=steps), stats
 
 

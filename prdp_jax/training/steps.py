@@ -184,8 +184,8 @@ def minibatch(data: tiled_gradient.Transitions, m: jax.Array) -> tiled_gradient.
 
 def score_minibatch(ctx: StepContext, params, data: tiled_gradient.Transitions, uncond, m):
     """[n, T] log pi_params of minibatch m's transitions (forward only)."""
-    return tiled_gradient.score(ctx.pipe.denoiser, params, minibatch(data, m), uncond, ctx.coeffs,
-                                ctx.score_tiling, **ctx.policy_kwargs)
+    return tiled_gradient.score(ctx.pipe.score_denoiser, params, minibatch(data, m), uncond,
+                                ctx.coeffs, ctx.score_tiling, **ctx.policy_kwargs)
 
 
 def minibatch_weights(objective: tiled_gradient.Objective, data: tiled_gradient.Transitions, m, log_probs):
@@ -204,8 +204,8 @@ def grad_tile(ctx: StepContext, trainable: str, params, data: tiled_gradient.Tra
               weights, m, j, c, grads):
     """Adds tile (j, c) of minibatch m to the gradient accumulator (only the params that
     `trainable` selects are differentiated; the others' gradients stay exactly zero)."""
-    return tiled_gradient.accumulate_grad(ctx.pipe.denoiser, params, minibatch(data, m), uncond,
-                                          weights, j, c, grads, ctx.coeffs, ctx.tiling,
+    return tiled_gradient.accumulate_grad(ctx.pipe.score_denoiser, params, minibatch(data, m),
+                                          uncond, weights, j, c, grads, ctx.coeffs, ctx.tiling,
                                           trainable=trainable_mask(trainable, params),
                                           **ctx.policy_kwargs)
 
@@ -215,7 +215,8 @@ def loss_and_grad(ctx: StepContext, objective: tiled_gradient.Objective, trainab
     """(loss, float32 grads shaped like params, aux) of minibatch m in one pass
     (`train.gradient="one_pass"`): the forward once, its activations kept for the backward."""
     loss, _, grads, aux = tiled_gradient.loss_and_grad(
-        objective, ctx.pipe.denoiser, params, minibatch(data, m), uncond, ctx.coeffs, ctx.tiling,
+        objective, ctx.pipe.score_denoiser, params, minibatch(data, m), uncond, ctx.coeffs,
+        ctx.tiling,
         trainable=trainable_mask(trainable, params), **ctx.policy_kwargs)
     return loss, grads, aux
 
@@ -320,10 +321,11 @@ def build_steps(ctx: StepContext, shape: EpochShape, sh: Shardings, trainable: s
 
 
 def compile_steps(steps: Steps, ctx: StepContext, shape: EpochShape, sh: Shardings,
-                  abstract: TrainState, frozen, gradient: str = "tiled",
-                  log=print) -> tuple[Steps, dict]:
+                  abstract: TrainState, frozen, gradient: str = "tiled", log=print,
+                  parallel: bool = True) -> tuple[Steps, dict]:
     """Compiles the sampler, scorer, gradient (`grad_tile`, or `loss_and_grad` when `gradient`
-    is "one_pass") and optimiser steps ahead of time.
+    is "one_pass") and optimiser steps ahead of time, side by side (`parallel`: one per core;
+    each step's seconds then include the others' contention) or one after another.
 
     Returns (the steps with those four compiled, {name: {seconds, temp_bytes, argument_bytes,
     output_bytes}}: XLA's memory analysis of each program, per device); also logs them.
@@ -360,7 +362,8 @@ def compile_steps(steps: Steps, ctx: StepContext, shape: EpochShape, sh: Shardin
         return program, time.perf_counter() - start
 
     # XLA compiles outside the GIL: the steps compile side by side, one per core.
-    with concurrent.futures.ThreadPoolExecutor(max(1, min(len(todo), os.cpu_count() or 1))) as pool:
+    workers = max(1, min(len(todo), os.cpu_count() or 1)) if parallel else 1
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         done = dict(zip(todo, pool.map(compile_one, todo)))
     compiled, stats = {}, {}
     for name, (program, seconds) in done.items():
