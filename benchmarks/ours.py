@@ -85,7 +85,7 @@ class Setup:
             unet=self.unet, text_encoder=_Text(case.text_dim),
             tokenizer=_Tokenizer(case.text_length), latent_shape=latent,
             decode=pipeline_lib.pixel_decode, unet_params=None, frozen_params=None,
-            abstract_unet_params=abstract)
+            abstract_unet_params=abstract, score_dtype=pipeline_lib.score_dtype_of(config))
         self.training = epoch_lib.make_setup(config, pipe, mesh)
         rng = np.random.default_rng(seed)
         t = self.training

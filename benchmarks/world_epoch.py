@@ -139,7 +139,8 @@ def child(epochs: int, recipe: str) -> dict:
                    "prompts_per_minibatch": t.prompts_per_minibatch,
                    "passes_per_epoch": t.passes_per_epoch, "num_steps": config.sample.num_steps,
                    "tile": [t.microbatch_trajectories, t.microbatch_steps],
-                   "gradient": t.get("gradient", "tiled"), "sample_batch": config.sample.batch_size},
+                   "gradient": t.get("gradient", "tiled"), "sample_batch": config.sample.batch_size,
+                   "score_tile_steps": t.get("score_microbatch_steps", 0) or t.microbatch_steps},
         "epochs": rows,
         "mean": {k: float(np.mean([r[k] for r in timed])) for k in (*PHASES, "wall")},
     }

@@ -100,3 +100,14 @@ def test_world_epoch_compares_two_trees_at_equal_numerics():
     assert row["runs"]["old"][0]["tree"] != row["runs"]["new"][0]["tree"]
     assert row["loss_rel_diff"] < 1e-5 and row["reward_rel_diff"] < 1e-5
     assert row["ratio"] > 0
+
+
+@pytest.mark.slow
+def test_precision_study_separates_the_scorer_from_the_sampler():
+    """benchmarks/precision.py on the micro UNet: every policy's log-ratio at theta_old is exactly
+    0; bf16 sampling with float32 scoring scores exactly as float32 does; bf16 scoring does not."""
+    from benchmarks import precision
+    out = precision.measure(cases.CASES["micro"], 3, 4, 2, (4, 3), log=lambda *a: None)
+    assert all(v["at_old_max"] == 0.0 for v in out.values())
+    assert out["bf16_sample"]["noise_max"] == 0.0 and out["float32"]["noise_max"] == 0.0
+    assert out["bf16"]["noise_median"] > 0.0

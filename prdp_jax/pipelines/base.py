@@ -101,6 +101,13 @@ class Pipeline:
         return self.text_encoder.apply({"params": frozen["text_encoder"]}, ids)[0]
 
 
+def score_dtype_of(config: ml_collections.ConfigDict):
+    """The scorer's activation dtype when `model.score_dtype` differs from `model.dtype`, else
+    None (the UNet's own)."""
+    score = config.model.get("score_dtype", "")
+    return DTYPES[score] if score and score != config.model.dtype else None
+
+
 def unet_from_config(config: ml_collections.ConfigDict) -> UNet:
     fields = config.model.unet.to_dict()
     for k, v in fields.items():

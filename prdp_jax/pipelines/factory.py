@@ -6,7 +6,7 @@ from jax.sharding import Mesh
 
 from prdp_jax import plugins  # noqa: F401  (registers the built-in sources)
 from prdp_jax.infra.errors import ConfigError
-from prdp_jax.pipelines.base import DTYPES, SOURCES, Pipeline
+from prdp_jax.pipelines.base import SOURCES, Pipeline, score_dtype_of
 
 
 def build_pipeline(config: ml_collections.ConfigDict, mesh: Mesh, log=print) -> Pipeline:
@@ -23,9 +23,8 @@ def build_pipeline(config: ml_collections.ConfigDict, mesh: Mesh, log=print) -> 
         raise ConfigError(f"model.source must be one of {', '.join(repr(s) for s in sorted(SOURCES))}"
                           f", got {source!r}")
     pipe = SOURCES[source](config, mesh, log=log)
-    score_dtype = config.model.get("score_dtype", "")
-    if score_dtype and score_dtype != config.model.dtype:
-        pipe.score_dtype = DTYPES[score_dtype]
-        log(f"stored transitions are scored with {score_dtype} activations "
+    pipe.score_dtype = score_dtype_of(config)
+    if pipe.score_dtype is not None:
+        log(f"stored transitions are scored with {config.model.score_dtype} activations "
             f"(model.score_dtype); the sampler runs in {config.model.dtype}")
     return pipe
