@@ -18,7 +18,6 @@ Without a GPU, `--cases sd15_512` runs the same code at a reduced size (SD's blo
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import subprocess
@@ -58,11 +57,8 @@ CPU_PLAN = Plan(REDUCED, steps=4, sample_batch=4, minibatch=4, images=2, tile=(4
 
 def sd_precision() -> dict:
     """model.dtype and param_dtype of the SD recipes (configs/sd.py's defaults)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = importlib.util.spec_from_file_location("sd_config", os.path.join(root, "configs", "sd.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config("")
+    from prdp_jax import config as config_lib
+    c = config_lib.load_named("sd")
     return {"dtype": c.model.dtype, "param_dtype": c.model.param_dtype}
 
 
@@ -73,7 +69,6 @@ def peak_flops(device) -> float | None:
 
 def ours_side(plan: Plan, precision: dict) -> dict:
     import jax
-    import jax.numpy as jnp
     from benchmarks import ours
     config = ours.make_config(plan.case, plan.steps, plan.minibatch, plan.images, plan.tile,
                               plan.sample_batch)
@@ -84,15 +79,8 @@ def ours_side(plan: Plan, precision: dict) -> dict:
     device = jax.devices()[0]
     sample_s = ours.median_seconds(setup.sample, plan.repeats)
     update_s = ours.median_seconds(setup.update_fn(), plan.repeats)
-    # FLOPs of one UNet forward of one row (XLA's cost analysis), for the MFU.
-    case, rows = plan.case, 2
-    x = jnp.zeros((rows,) + case.latent_shape, jnp.float32)
-    t = jnp.zeros((rows,), jnp.int32)
-    ctx = jnp.zeros((rows, case.text_length, case.text_dim), jnp.float32)
-    fwd = jax.jit(lambda p, x, t, c: setup.unet.apply({"params": p}, x, t, c))
-    cost = fwd.lower(setup.params, x, t, ctx).cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    row_flops = float(cost["flops"]) / rows
+    rows = 2  # FLOPs of one UNet forward of one row (XLA's cost analysis), for the MFU
+    row_flops = ours.unet_flops(setup, rows, 1)["flops"] / rows
     unet_rows_per_s = 2 * plan.sample_batch * plan.steps / sample_s   # CFG: 2 rows a step
     peak = peak_flops(device)
     if peak is None and device.platform == "cpu":

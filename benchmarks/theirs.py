@@ -150,11 +150,9 @@ class Update:
         return self.policy.log_prob(x_t, x_prev, k, context).view(a, s)
 
     def score(self) -> torch.Tensor:
-        out = torch.zeros(self.n, self.T, device=self.policy.device)
+        out = torch.empty(self.n, self.T, device=self.policy.device)
         for rows, steps in self.tiles():
-            mask = torch.zeros(self.n, self.T, dtype=torch.bool, device=self.policy.device)
-            mask[rows, steps] = True
-            out = out.masked_scatter(mask, self.tile_log_probs(rows, steps))
+            out[rows, steps] = self.tile_log_probs(rows, steps)  # autograd follows the copy
         return out
 
     def gradient(self) -> torch.Tensor:

@@ -27,7 +27,6 @@ import argparse
 import collections
 import contextlib
 import dataclasses
-import importlib.util
 import json
 import os
 import subprocess
@@ -76,10 +75,8 @@ class PhaseTimer:
 def child(epochs: int, recipe: str) -> dict:
     """Runs in a source tree's root: times its world main job's epochs (see the module doc)."""
     sys.path.insert(0, os.getcwd())
-    spec = importlib.util.spec_from_file_location("world_config", "configs/world.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(recipe)
+    from prdp_jax import config as config_lib
+    config = config_lib.load_file(f"configs/world.py:{recipe}")
     config.log.compile_cache = ""
     from prdp_jax.infra import runtime
     runtime.setup(config)
