@@ -23,12 +23,34 @@ def test_quick_experiments_write_every_finding(tmp_path):
     assert set(sweep["chosen"]) == {"prdp", "ddpo"}
     for name in FINDINGS:
         result = json.loads((out / f"{name}.json").read_text())
-        assert isinstance(result["held"], bool) and result["measured"] and result["rule"]
+        assert result["held"] in (True, False, None) and result["measured"] and result["rule"]
+        assert result["power"] and isinstance(result["powered"], bool)
         for arm in result["arms"].values():
             curve = arm["curves"][0]
             assert curve["eval"]["world_heldout"]["queries"][0] == 0  # the base model first
             assert len(curve["train_reward"]) == 2
     assert (out / "beta_tradeoff.png").stat().st_size > 0
+    # K > 1 passes: the clip fraction is recorded pass by pass and plotted
+    small = json.loads((out / "small_scale.json").read_text())["arms"]["small/PRDP"]
+    assert [len(p) for p in small["curves"][0]["clip_frac_by_pass"]] == [2, 2]
+    assert len(small["summary"]["clip_frac_by_pass"]) == 2
+    assert (out / "clipping_small_clip.png").stat().st_size > 0
+    # the beta finding trains on quality alone and records both components
+    beta = json.loads((out / "beta.json").read_text())
+    assert beta["reward"] == {"quality": 1.0, "alignment": 0.0}
+    for arm in beta["arms"].values():
+        assert set(arm["summary"]["eval"]["world_large_sample"]["components_gain"]) == {
+            "alignment", "quality"}
+    # the page and plots come back from the records alone
+    page_before = (runs / "results.md").read_text()
+    (runs / "results.md").unlink()
+    proc = subprocess.run([sys.executable, "-m", "prdp_jax.experiments", "all", "--quick",
+                           "--from-records", f"--runs={runs}", f"--out={out}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (runs / "results.md").read_text() == page_before
+    assert "training" not in proc.stdout
     # One reference evaluation, shared by every run: each curve starts at its numbers.
     (shared,) = (runs / "before").iterdir()
     base = json.loads(shared.read_text())["world_heldout"]["reward_mean"]
@@ -63,17 +85,19 @@ def test_results_page_keeps_every_finished_finding_and_the_prose(tmp_path):
     out, page = tmp_path / "results", tmp_path / "results.md"
     out.mkdir()
     page.write_text(f"# Results\n\nIntro.\n\n{report.BEGIN}\nold table\n{report.END}\n\nNotes.\n")
-    for name, held in (("beta", False), ("small_scale", True)):
+    for name, held in (("beta", False), ("small_scale", True), ("clipping", None)):
         (out / f"{name}.json").write_text(json.dumps(
             {"finding": f"title {name}", "paper": "p", "measured": f"m {name}", "rule": "r",
-             "held": held}))
+             "power": "se", "held": held}))
     report.update_page(str(page), str(out), FINDINGS)
     text = page.read_text()
     assert text.startswith("# Results\n\nIntro.\n\n") and text.endswith("\n\nNotes.\n")
     assert "old table" not in text and "large_scale" not in text
     rows = [line for line in text.splitlines() if line.startswith("| title")]
-    assert rows == ["| title small_scale | p | m small_scale | r | yes |",
-                    "| title beta | p | m beta | r | no |"]  # in the findings' order
+    assert rows == ["| title small_scale | p | m small_scale | r | se | yes |",
+                    "| title clipping | p | m clipping | r | se | undecided (evaluation too "
+                    "small) |",
+                    "| title beta | p | m beta | r | se | no |"]  # in the findings' order
 
 
 def test_a_recorded_run_is_read_back_only_while_its_config_matches(tmp_path, monkeypatch):
@@ -97,15 +121,18 @@ def test_a_recorded_run_is_read_back_only_while_its_config_matches(tmp_path, mon
         trained.append(workdir)
         os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
         with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
-            f.write(json.dumps({"epoch": 1, "reward_mean": 0.7, "drift": 0.02}) + "\n")
-        before = {n: {"reward_mean": 0.1, "reward_se": 0.01} for n in config.eval.sets}
-        with open(os.path.join(workdir, "eval", "before.json"), "w") as f:
-            json.dump(before, f)
+            f.write(json.dumps({"epoch": 1, "reward_mean": 0.7, "drift": 0.02, "clip_frac": 0.1,
+                                "clip_frac/pass1": 0.0, "clip_frac/pass2": 0.2}) + "\n")
+        for label, value in (("before", 0.1), ("after", 0.3)):
+            with open(os.path.join(workdir, "eval", f"{label}.json"), "w") as f:
+                json.dump({n: {"reward_mean": value, "reward_se": 0.01, "drift_mean": 0.0}
+                           for n in config.eval.sets}, f)
     monkeypatch.setattr(train, "train_and_evaluate", fake_training)
     config.seed = 1  # another run: the record no longer applies
     out = runner.run(config, str(tmp_path / "run"), record=str(record))
     assert trained and out["train_reward"] == [0.7]
-    assert out["eval"]["world_heldout"]["reward"] == [0.1]
+    assert out["eval"]["world_heldout"]["reward"] == [0.1, 0.3]
+    assert out["clip_frac_by_pass"] == [[0.0, 0.2]]  # the small scale's K = 2 passes
     assert json.loads(record.read_text()) == {"config": json.loads(runner.to_json(config)),
                                               "curve": out}
 
@@ -114,15 +141,44 @@ def test_an_arm_set_to_a_config_default_shares_the_plain_arms_runs():
     from prdp_jax.experiments import findings, runner
     size = runner.SIZES["full"]
     beta = runner.world_config(size.recipe).prdp.beta
-    low, same, high = findings.beta_arms(beta)
     plain = findings.Arm("PRDP", {"method": "prdp"})
+    same = findings.Arm("PRDP beta", {"method": "prdp", "prdp.beta": beta})
+    other = findings.Arm("PRDP beta", {"method": "prdp", "prdp.beta": beta * 10})
     assert runner.arm_key(size, same) == runner.arm_key(size, plain) == "method=prdp"
-    assert runner.arm_key(size, low) == f"method=prdp,prdp.beta={beta * 0.1}"
-    assert runner.arm_key(size, high) != runner.arm_key(size, plain)
+    assert runner.arm_key(size, other) == f"method=prdp,prdp.beta={beta * 10}"
 
 
-def _curve(base, final):
-    return {"eval": {n: {"reward": [base, final], "drift": [0.0, 0.01]}
+def test_each_scale_runs_its_regime_and_the_beta_finding_its_reward():
+    from prdp_jax.experiments import findings, runner
+    size = runner.SIZES["full"]
+    arm = findings.Arm("PRDP", {"method": "prdp"})
+    small = runner.run_config(size, "small", arm, 0, {})
+    large = runner.run_config(size, "large", arm, 0, {})
+    large_k = runner.run_config(size, "large_k", arm, 0, {})
+    assert (small.prompts.train, large.prompts.train, large_k.prompts.train) == (
+        "world_small", "world_large", "world_large")
+    # the paper's small-scale regime: K = 10 passes of one step over all the epoch's pairs
+    assert small.train.passes_per_epoch == large_k.train.passes_per_epoch == 10
+    assert small.train.prompts_per_minibatch == small.train.prompts_per_epoch
+    # the main job's regime at large scale
+    world = runner.world_config("prdp")
+    for field in ("epochs", "prompts_per_epoch", "images_per_prompt", "prompts_per_minibatch",
+                  "passes_per_epoch"):
+        assert getattr(large.train, field) == getattr(world.train, field), field
+    beta = runner.run_config(size, "large", arm, 0, {}, reward=findings.FINDINGS["beta"].reward)
+    assert dict(beta.reward.weights) == {"quality": 1.0, "alignment": 0.0}
+    assert dict(large.reward.weights) == dict(world.reward.weights)
+    # every arm of a finding has one scale's budget: equal reward queries and updates
+    for f in findings.FINDINGS.values():
+        for scale in f.scales:
+            r = size.scales[scale].regime
+            assert r.queries == r.epochs * r.prompts_per_epoch * r.images_per_prompt
+
+
+def _curve(base, final, clip=(0.0, 0.0), quality=(0.5, 0.5), alignment=(0.5, 0.5)):
+    return {"clip_frac": [0.0], "clip_frac_by_pass": [list(clip)],
+            "eval": {n: {"reward": [base, final], "drift": [0.0, 0.01], "gain_se": 0.001,
+                         "components": {"quality": list(quality), "alignment": list(alignment)}}
                      for n in ("world_small", "world_large_sample", "world_heldout")}}
 
 
@@ -135,48 +191,66 @@ def test_base_spread_names_only_the_sets_whose_runs_start_apart():
     assert report.base_spread(apart) == {"world_heldout": [0.1868, 0.2]}
 
 
-def test_clipping_holds_only_where_removing_the_clip_costs_reward_at_both_scales():
+def test_clipping_holds_only_where_the_clip_binds_and_removing_it_costs_reward():
     from prdp_jax.experiments import report
 
-    def arms(clipped, unclipped):
+    def arms(clipped, unclipped, clip=(0.0, 0.3)):
         s = {}
-        for scale in ("small", "large"):
-            s[(scale, "PRDP")] = report.summarise([_curve(0.2, v) for v in clipped])
+        for scale in ("small", "large_k"):
+            s[(scale, "PRDP")] = report.summarise([_curve(0.2, v, clip) for v in clipped])
             s[(scale, "PRDP, no clip")] = report.summarise([_curve(0.2, v) for v in unclipped])
             s[(scale, "DDPO")] = s[(scale, "DDPO, no clip")] = s[(scale, "PRDP")]
         return s
     assert report.verdict("clipping", arms([0.30, 0.31, 0.32], [0.20, 0.21, 0.22]))[0]
-    # a clip that never binds: the two arms end level, so the paper's "the clip is needed" fails
+    # the two arms end level: the paper's "the clip is needed" fails
     assert not report.verdict("clipping", arms([0.30, 0.31, 0.32], [0.30, 0.31, 0.32]))[0]
-    assert not report.verdict("clipping", arms([0.30, 0.31, 0.32], [0.40, 0.41, 0.42]))[0]
+    # a clip that never binds has not been tested, whatever the rewards
+    assert not report.verdict("clipping", arms([0.30, 0.31, 0.32], [0.20, 0.21, 0.22],
+                                               clip=(0.0, 0.01)))[0]
 
 
-def test_new_runs_from_a_different_base_are_refused_before_training(tmp_path, monkeypatch):
-    from prdp_jax.experiments import __main__ as ex_main, findings, runner
-    from prdp_jax.infra.errors import UserError
-    from prdp_jax.training import loop as train
+def test_beta_holds_when_small_beta_hacks_the_gold_reward_and_a_larger_one_does_not():
+    from prdp_jax.experiments import report
+
+    def sweep(per_beta):  # beta -> [(quality gain, alignment gain)] per seed
+        return {("large", f"PRDP beta={b:g}"): report.summarise(
+            [_curve(0.5, 0.5, quality=(0.5, 0.5 + q), alignment=(0.5, 0.5 + a)) for q, a in seeds])
+            for b, seeds in per_beta.items()}
+    jitter = (-0.001, 0.0, 0.001)
+    hacked = [(0.05 + j, -0.03 + j) for j in jitter]
+    kept = [(0.02 + j, 0.0 + j) for j in jitter]
+    still = [(0.0 + j, 0.0 + j) for j in jitter]
+    assert report.verdict("beta", sweep({0.01: hacked, 1.0: kept, 100.0: still}))[0]
+    assert not report.verdict("beta", sweep({0.01: kept, 1.0: kept, 100.0: still}))[0]  # no hack
+    assert not report.verdict("beta", sweep({0.01: hacked, 1.0: hacked, 100.0: still}))[0]
+
+
+def test_a_verdict_is_undecided_where_the_evaluation_cannot_see_the_effect():
+    from prdp_jax.experiments import report
+    s = {("small", "PRDP"): report.summarise([_curve(0.2, 0.23)] * 3)}
+    assert report.power("small_scale", s)[0]           # SE 0.001 vs effect 0.03
+    weak = _curve(0.2, 0.201)
+    assert not report.power("small_scale", {("small", "PRDP"): report.summarise([weak] * 3)})[0]
+
+
+def test_a_saved_reference_evaluation_is_reused_only_under_the_same_evaluation_settings():
+    """A workdir resumed with another reward (or sets, model, sampling) evaluates the reference
+    again instead of reusing eval/before.json, whose numbers were made under the old settings;
+    the method and its hyperparameters do not matter to it."""
+    from prdp_jax.experiments import findings, runner
+    from prdp_jax.training import evaluation
     size = runner.SIZES["quick"]
-    ex = ex_main.Experiments(size, str(tmp_path / "results"), str(tmp_path / "runs"), quick=True,
-                             log=lambda *a: None)
-    arm = findings.Arm("PRDP", {"method": "prdp"})
-    config = runner.run_config(size, "small", arm, 0, {}, ex.base_dir)
-    record = tmp_path / "results" / "runs" / "small" / "prdp" / "method=prdp" / "seed0.json"
-    record.parent.mkdir(parents=True)
-    made_elsewhere = {"queries": [0], "train_reward": [], "drift": [],
-                      "eval": {n: {"reward": [0.1876], "se": [0.0], "drift": [0.0],
-                                   "queries": [0]} for n in runner.EVAL_SETS}}
-    record.write_text(json.dumps({"config": json.loads(runner.to_json(config)),
-                                  "curve": made_elsewhere}))
-    assert runner.recorded_base(str(tmp_path / "results" / "runs"), config)["world_heldout"] == 0.1876
-    monkeypatch.setattr(train, "train_and_evaluate", lambda *a, **k: (_ for _ in ()).throw(
-        AssertionError("trained from a base that differs from the records'")))
-    here = {n: {"reward_mean": 0.1868} for n in runner.EVAL_SETS}
-    monkeypatch.setattr(runner, "reference", lambda *a, **k: here)
-    # seed 0 is recorded: read back, no check; seed 1 would be new, from another base: refused
-    assert ex.run_arm("small", arm, {}, seeds=1)[0] == made_elsewhere
-    with pytest.raises(UserError, match=r"world_\w+: 0\.1868 here, 0\.1876 there"):
-        ex.run_arm("small", arm, {}, seeds=2)
-    # the same base: the check passes and training goes ahead
-    here.update({n: {"reward_mean": 0.1876} for n in runner.EVAL_SETS})
-    with pytest.raises(AssertionError, match="trained from a base"):
-        ex.run_arm("small", arm, {}, seeds=2)
+    config = runner.run_config(size, "large", findings.Arm("PRDP", {"method": "prdp"}), 0, {})
+    saved = {n: {"reward_mean": 0.5, "config_key": evaluation.config_key(config)}
+             for n in config.eval.sets}
+    assert evaluation.reusable(saved, config)
+    other_method = runner.run_config(size, "large", findings.Arm("DDPO", findings.ddpo()), 1, {})
+    assert evaluation.reusable(saved, other_method)
+    quality = runner.run_config(size, "large", findings.Arm("PRDP", {"method": "prdp"}), 0, {},
+                                reward={"quality": 1.0, "alignment": 0.0})
+    assert not evaluation.reusable(saved, quality)
+    fewer = runner.run_config(size, "large", findings.Arm("PRDP", {"method": "prdp"}), 0, {})
+    fewer.eval.sets = config.eval.sets[:1]
+    assert not evaluation.reusable(saved, fewer)
+    unstamped = {n: {"reward_mean": 0.5} for n in config.eval.sets}   # written before the key
+    assert not evaluation.reusable(unstamped, config)

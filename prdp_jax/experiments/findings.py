@@ -1,22 +1,52 @@
-"""The paper's findings as experiments in the embedded world.
+"""The paper's findings as experiments in the embedded world, each in the regime where the paper
+made it.
 
-Each finding compares arms (a method plus config overrides) at one or both prompt scales, under
-the same reward-query budget (every arm samples the same prompts per epoch, images per prompt and
-epochs) and the same evaluation seeds. An arm at a scale is one run of the trainer per seed; runs
-shared between findings (e.g. the clipped PRDP run at large scale) are run once.
+Each finding compares arms (a method plus config overrides) at one or more scales, under the same
+reward-query budget within a scale (every arm samples the same prompts per epoch, images per
+prompt and epochs) and the same evaluation seeds. An arm at a scale is one run of the trainer per
+seed; a run shared between findings (e.g. the clipped PRDP run at small scale) is run once.
 
-Scales:
-  small  trains on `world_small` (the counterpart of the paper's 45 animals): each prompt is seen
-         many times.
-  large  trains on `world_large` (8,192 prompts, the counterpart of 100K+): each prompt is seen at
-         most a few times within the budget.
+Scales (a training prompt set and a regime of the update):
+  small     `world_small` (32 captions, the counterpart of the paper's 45 animals), the paper's
+            small-scale regime: K = 10 passes an epoch, each one AdamW step over all of the
+            epoch's pairs, so the proximal clip binds from the second pass on. Each caption is
+            drawn about twice.
+  large     `world_large` (8,192 captions, the counterpart of 100K+), the main job's regime: one
+            pass an epoch in 4 minibatches (K = 1); each caption is drawn about once.
+  large_k   `world_large` in the small-scale regime (K = 10): the clipping ablation at large
+            scale, where the clip must bind to be tested.
 """
 from __future__ import annotations
 
 import dataclasses
 from typing import Mapping
 
-SCALES = ("small", "large")
+
+@dataclasses.dataclass(frozen=True)
+class Regime:
+    """How an epoch is sampled and spent (train.* fields)."""
+
+    epochs: int
+    prompts_per_epoch: int
+    images_per_prompt: int
+    prompts_per_minibatch: int
+    passes_per_epoch: int
+
+    @property
+    def queries(self) -> int:
+        return self.epochs * self.prompts_per_epoch * self.images_per_prompt
+
+    @property
+    def updates(self) -> int:
+        return (self.epochs * self.passes_per_epoch * self.prompts_per_epoch
+                // self.prompts_per_minibatch)
+
+
+@dataclasses.dataclass(frozen=True)
+class Scale:
+    name: str
+    train_set: str       # prompts.train
+    regime: Regime
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,8 +67,15 @@ class Finding:
     name: str            # file stem under docs/results/
     title: str
     paper: str           # what the paper reports
-    scales: tuple        # which prompt scales it runs at
+    scales: tuple        # names of the scales it runs at
     arms: tuple          # Arm, ...; the first is the reference arm for the verdict
+    reward: Mapping[str, float] = dataclasses.field(default_factory=dict)  # reward.weights, if
+                         # not the world's preference reward (a weight of 0 is evaluated only)
+
+
+def reward_name(weights: Mapping[str, float]) -> str:
+    """The trained components of `weights` ('' for the world's own reward)."""
+    return "+".join(k for k, v in weights.items() if v)
 
 
 def prdp(**overrides) -> dict:
@@ -46,15 +83,23 @@ def prdp(**overrides) -> dict:
 
 
 def ddpo(**overrides) -> dict:
-    return {"method": "ddpo", **overrides}
+    # DDPO's stat tracker as ddpo-pytorch configures it (buffer 32, min count 16): with 8 images
+    # a caption, a caption drawn once falls back to the batch's statistics (paper, Appendix B).
+    return {"method": "ddpo", "ddpo.min_count": 16, **overrides}
 
 
 INF = float("inf")
 
+# beta of the trade-off sweep: targets dr / beta from far beyond the model's reach (0.01: a
+# reward difference of 0.05 asks a log-ratio of 5; PRDP moves a trajectory's by ~0.005 in a run)
+# to far inside it (100: 5e-4).
+BETAS = (0.01, 0.1, 1.0, 10.0, 100.0)
+
 FINDINGS = {
     "small_scale": Finding(
         "small_scale", "Small scale: PRDP matches DDPO",
-        "45 prompts, 100 epochs: PRDP matches or slightly beats DDPO (HPSv2 0.3471 vs 0.3398)",
+        "45 prompts, 100 epochs of K = 10 updates: PRDP matches or slightly beats DDPO (HPSv2 "
+        "0.3471 vs 0.3398)",
         ("small",),
         (Arm("PRDP", prdp()), Arm("DDPO", ddpo()))),
     "large_scale": Finding(
@@ -68,15 +113,17 @@ FINDINGS = {
         "clipping", "Clipping ablation",
         "Without the per-step clip PRDP diverges at both scales; at large scale DDPO with its "
         "clip still diverges (the RDP objective is needed too)",
-        ("small", "large"),
+        ("small", "large_k"),
         (Arm("PRDP", prdp()), Arm("PRDP, no clip", prdp(**{"prdp.clip_eps": INF})),
          Arm("DDPO", ddpo()), Arm("DDPO, no clip", ddpo(**{"ddpo.clip_range": INF})))),
     "beta": Finding(
-        "beta", "KL coefficient beta: reward against drift",
-        "Aesthetic reward, beta in {0.1, 1, 10}: small beta reward-hacks, larger beta keeps text "
-        "alignment while still raising the reward",
+        "beta", "KL coefficient beta: the reward against the gold reward",
+        "Aesthetic reward alone, beta in {0.1, 1, 10}: small beta reward-hacks (HPSv2 and "
+        "PickScore, which it does not see, fall), larger beta keeps them at the base's level "
+        "while still raising the aesthetic score",
         ("large",),
-        ()),  # arms depend on the tuned beta; see `beta_arms`
+        tuple(Arm(f"PRDP beta={b:g}", prdp(**{"prdp.beta": b})) for b in BETAS),
+        reward={"quality": 1.0, "alignment": 0.0}),   # alignment: the gold, evaluated only
     "online_offline": Finding(
         "online_offline", "Online against offline PRDP",
         "Online catches up with offline (pairs sampled once from the base) in about 10 epochs "
@@ -84,15 +131,3 @@ FINDINGS = {
         ("large",),
         (Arm("PRDP online", prdp()), Arm("PRDP offline", prdp(**{"train.sampling": "offline"})))),
 }
-
-BETA_FACTORS = (0.1, 1.0, 10.0)
-
-
-def beta_arms(beta: float) -> tuple:
-    """PRDP at beta x {0.1, 1, 10} around the world config's beta."""
-    return tuple(Arm(f"PRDP beta={beta * f:g}", prdp(**{"prdp.beta": beta * f}))
-                 for f in BETA_FACTORS)
-
-
-def arms_of(finding: Finding, beta: float) -> tuple:
-    return beta_arms(beta) if finding.name == "beta" else finding.arms

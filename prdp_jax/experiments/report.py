@@ -25,24 +25,33 @@ def mean_se(values: Sequence[float]) -> tuple[float, float]:
 
 
 def summarise(curves: Sequence[dict]) -> dict:
-    """Per evaluation set: base, final (mean, se over seeds), gain and final drift; plus the
-    mean training-reward curve."""
+    """Per evaluation set: base, final, gain and final drift (each mean, se over seeds), the
+    evaluation's own paired standard error of a run's gain (median over seeds), and the gains of
+    the reward's components; plus the clip fraction of each pass (mean over epochs and seeds)."""
     out = {"seeds": len(curves), "eval": {}}
     for name in curves[0]["eval"]:
-        finals = [c["eval"][name]["reward"][-1] for c in curves]
-        gains = [c["eval"][name]["reward"][-1] - c["eval"][name]["reward"][0] for c in curves]
-        drifts = [c["eval"][name]["drift"][-1] for c in curves]
-        out["eval"][name] = {"base": curves[0]["eval"][name]["reward"][0],
-                             "final": mean_se(finals), "gain": mean_se(gains),
-                             "drift": mean_se(drifts)}
+        e = [c["eval"][name] for c in curves]
+        comps = {k: mean_se([x["components"][k][-1] - x["components"][k][0] for x in e])
+                 for k in e[0].get("components", {})}
+        ses = [x["gain_se"] for x in e if x.get("gain_se") is not None]
+        out["eval"][name] = {"base": e[0]["reward"][0],
+                             "final": mean_se([x["reward"][-1] for x in e]),
+                             "gain": mean_se([x["reward"][-1] - x["reward"][0] for x in e]),
+                             "drift": mean_se([x["drift"][-1] for x in e]),
+                             "eval_gain_se": float(np.median(ses)) if ses else None,
+                             "components_gain": comps}
+    if "clip_frac_by_pass" in curves[0]:
+        out["clip_frac_by_pass"] = np.mean([c["clip_frac_by_pass"] for c in curves],
+                                           axis=(0, 1)).tolist()
+    out["clip_frac"] = float(np.mean([c["clip_frac"] for c in curves]))
     return out
 
 
 def base_spread(curves: Sequence[dict]) -> dict:
     """{set: [lowest, highest]} of the base reward (queries 0) over `curves`, for the sets where
-    runs disagree. Every run of a size evaluates the same base on the same seeds, so they agree on
-    one machine; a base pretrained on another CPU (a run record made elsewhere) rounds
-    differently and can come out a different model (`runner.check_base`)."""
+    runs disagree. Every run evaluates the same shipped base on the same seeds, so they agree on
+    one machine; a CPU with other vector instructions rounds the evaluation differently
+    (`runner.check_base`)."""
     out = {}
     for name in curves[0]["eval"]:
         bases = [c["eval"][name]["reward"][0] for c in curves]
@@ -51,8 +60,8 @@ def base_spread(curves: Sequence[dict]) -> dict:
     return out
 
 
-def fmt(ms: tuple[float, float], digits: int = 3) -> str:
-    return f"{ms[0]:.{digits}f} ± {ms[1]:.{digits}f}"
+def fmt(ms: tuple[float, float], digits: int = 3, sign: bool = False) -> str:
+    return f"{ms[0]:{'+' if sign else ''}.{digits}f} ± {ms[1]:.{digits}f}"
 
 
 def _gain_beyond(s: dict, name: str, k: float = 2.0) -> bool:
@@ -61,62 +70,123 @@ def _gain_beyond(s: dict, name: str, k: float = 2.0) -> bool:
 
 
 def _better(a: dict, b: dict, name: str, k: float = 1.0) -> bool:
-    """a's final reward exceeds b's by more than k combined standard errors."""
+    """a's final reward exceeds b's by more than k combined standard errors (over seeds)."""
     (ma, sa), (mb, sb) = a["eval"][name]["final"], b["eval"][name]["final"]
     return ma - mb > k * math.hypot(sa, sb)
 
 
+# ---- The rules, fixed before any run of the new world (issue 27) ----
+#
+# Evaluation sets and their size: every run is evaluated at its end on the first 256 captions of
+# world_large_sample and world_heldout and all 32 of world_small, 4 fixed-seed samples each, the
+# base once (shared). A finding's verdict is only decided where the evaluation can see its
+# effect: on each set a verdict reads, the evaluation's paired standard error of one run's gain
+# (median over the runs) must be at most a third of the effect judged, the reference arm's mean
+# gain there (`POWER`); otherwise the verdict is "undecided: evaluation too small", with the
+# numbers. A mean below is over 3 seeds, ± its standard error over seeds.
+POWER = 1 / 3
+
+RULES = {
+    "small_scale": "on world_small (the training captions), PRDP gains > 2 SE over the base and "
+                   "its final reward is not below DDPO's by more than 1 combined SE",
+    "large_scale": "on world_large_sample and world_heldout, PRDP gains > 2 SE over the base and "
+                   "ends > 1 combined SE above DDPO with per-prompt normalisation",
+    "clipping": "at both scales in the K = 10 regime (small: world_small; large: "
+                "world_large_sample), the clip binds (PRDP's clip fraction from the second pass "
+                "on > 5%) and PRDP without its clip ends > 1 combined SE below PRDP with it",
+    "beta": "trained on quality alone, judged on world_large_sample: at the smallest beta the "
+            "gold reward (alignment) falls > 2 SE below the base (reward hacking), and at some "
+            "larger beta quality rises > 2 SE while alignment does not fall by more than 1 SE",
+    "online_offline": "on world_large_sample, online PRDP ends > 1 combined SE above offline "
+                      "PRDP (equal reward queries and gradient updates)",
+}
+# The set whose evaluation must have the power to judge each finding, and whose effect sets it.
+JUDGED = {"small_scale": [("small", "PRDP", SMALL)],
+          "large_scale": [("large", "PRDP", LARGE), ("large", "PRDP", HELDOUT)],
+          "clipping": [("small", "PRDP", SMALL), ("large_k", "PRDP", LARGE)],
+          "beta": [("large", None, LARGE)],
+          "online_offline": [("large", "PRDP online", LARGE)]}
+
+
+def power(finding: str, summaries: dict) -> tuple[bool, str]:
+    """(enough, text): whether each judged set's evaluation SE is <= POWER x the effect."""
+    ok, parts = True, []
+    for scale, arm, name in JUDGED[finding]:
+        if arm is None:   # beta: the largest quality gain among the arms, on quality
+            s = [v for (sc, _), v in summaries.items() if sc == scale]
+            effect = max(abs(v["eval"][name]["components_gain"]["quality"][0]) for v in s)
+        else:
+            s = [summaries[(scale, arm)]]
+            effect = abs(s[0]["eval"][name]["gain"][0])
+        se = max((v["eval"][name]["eval_gain_se"] or 0.0) for v in s)
+        ok &= se <= POWER * effect
+        parts.append(f"{scale}/{name}: evaluation SE {se:.4f} vs effect {effect:.4f}")
+    return ok, "; ".join(parts)
+
+
 def verdict(finding: str, summaries: dict) -> tuple[bool, str, str]:
     """(held, what we measured, the rule) for one finding. `summaries[(scale, arm)]`."""
-    s = summaries
+    s, rule = summaries, RULES[finding]
     if finding == "small_scale":
         p, d = s[("small", "PRDP")], s[("small", "DDPO")]
         (mp, sp), (md, sd) = p["eval"][SMALL]["final"], d["eval"][SMALL]["final"]
-        held = mp >= md - math.hypot(sp, sd)
-        return held, (f"seen prompts: PRDP {fmt((mp, sp))}, DDPO {fmt((md, sd))} "
-                      f"(base {p['eval'][SMALL]['base']:.3f})"), \
-            "PRDP's final reward on the training prompts is not below DDPO's by more than 1 SE"
-    if finding == "large_scale":
+        held = _gain_beyond(p, SMALL) and mp >= md - math.hypot(sp, sd)
+        text = (f"world_small: PRDP {fmt((mp, sp))} (gain {fmt(p['eval'][SMALL]['gain'], sign=True)}), "
+                f"DDPO {fmt((md, sd))} (gain {fmt(d['eval'][SMALL]['gain'], sign=True)}); base "
+                f"{p['eval'][SMALL]['base']:.3f}; PRDP's clip fraction by pass "
+                + _passes(p))
+    elif finding == "large_scale":
         p = s[("large", "PRDP")]
         dp, db = s[("large", "DDPO (per-prompt norm.)")], s[("large", "DDPO (batch norm.)")]
         held = all(_gain_beyond(p, n) and _better(p, dp, n) for n in (HELDOUT, LARGE))
         text = "; ".join(
-            f"{label}: PRDP {fmt(p['eval'][n]['final'])}, DDPO per-prompt "
-            f"{fmt(dp['eval'][n]['final'])}, DDPO batch {fmt(db['eval'][n]['final'])} "
-            f"(base {p['eval'][n]['base']:.3f})" for label, n in (("held-out", HELDOUT),
-                                                                 ("large sample", LARGE)))
-        return held, text, ("on held-out and large-sample prompts, PRDP gains > 2 SE over the base "
-                            "and ends > 1 SE above DDPO with per-prompt normalisation")
-    if finding == "clipping":
+            f"{n}: gain PRDP {fmt(p['eval'][n]['gain'], sign=True)}, DDPO per-prompt "
+            f"{fmt(dp['eval'][n]['gain'], sign=True)}, DDPO batch "
+            f"{fmt(db['eval'][n]['gain'], sign=True)} (base {p['eval'][n]['base']:.3f})"
+            for n in (LARGE, HELDOUT))
+    elif finding == "clipping":
         parts, held = [], True
-        for scale, n in (("small", SMALL), ("large", HELDOUT)):
+        for scale, n in (("small", SMALL), ("large_k", LARGE)):
             c, u = s[(scale, "PRDP")], s[(scale, "PRDP, no clip")]
             dc, du = s[(scale, "DDPO")], s[(scale, "DDPO, no clip")]
-            held &= _better(c, u, n)
-            parts.append(f"{scale} ({n}): PRDP {fmt(c['eval'][n]['final'])} vs no clip "
-                         f"{fmt(u['eval'][n]['final'])} (drift {fmt(c['eval'][n]['drift'], 2)} vs "
-                         f"{fmt(u['eval'][n]['drift'], 2)}); DDPO {fmt(dc['eval'][n]['final'])} vs "
-                         f"no clip {fmt(du['eval'][n]['final'])}")
-        return held, "; ".join(parts), ("PRDP without its clip ends > 1 SE below PRDP with it "
-                                        "at both scales (the clip is needed)")
-    if finding == "beta":
+            binds = np.mean(c.get("clip_frac_by_pass", [0.0])[1:]) > 0.05
+            held &= bool(binds) and _better(c, u, n)
+            parts.append(f"{scale} ({n}): gain PRDP {fmt(c['eval'][n]['gain'], sign=True)} vs no "
+                         f"clip {fmt(u['eval'][n]['gain'], sign=True)} (drift "
+                         f"{fmt(c['eval'][n]['drift'], 4)} vs {fmt(u['eval'][n]['drift'], 4)}; "
+                         f"clip fraction by pass {_passes(c)}); DDPO "
+                         f"{fmt(dc['eval'][n]['gain'], sign=True)} vs no clip "
+                         f"{fmt(du['eval'][n]['gain'], sign=True)}")
+        text = "; ".join(parts)
+    elif finding == "beta":
         arms = sorted((k for k in s if k[1].startswith("PRDP beta=")),
                       key=lambda k: float(k[1].split("=")[1]))
-        rewards = [s[k]["eval"][HELDOUT]["final"][0] for k in arms]
-        drifts = [s[k]["eval"][HELDOUT]["drift"][0] for k in arms]
-        held = all(np.diff(rewards) <= 0) and all(np.diff(drifts) <= 0)
-        text = ", ".join(f"{k[1].split(' ')[1]}: reward {fmt(s[k]['eval'][HELDOUT]['final'])}, "
-                         f"drift {fmt(s[k]['eval'][HELDOUT]['drift'], 2)}" for k in arms)
-        return held, f"held-out: {text}", ("final held-out reward and drift both fall as beta "
-                                           "grows")
-    if finding == "online_offline":
+        comp = lambda k, c: s[k]["eval"][LARGE]["components_gain"][c]
+        low = comp(arms[0], "alignment")
+        hacks = low[0] < -2 * max(low[1], 1e-12)
+        keeps = any(comp(k, "quality")[0] > 2 * max(comp(k, "quality")[1], 1e-12)
+                    and comp(k, "alignment")[0] >= -max(comp(k, "alignment")[1], 1e-12)
+                    for k in arms[1:])
+        held = hacks and keeps
+        text = "world_large_sample, gains: " + ", ".join(
+            f"{k[1].split(' ')[1]}: quality {fmt(comp(k, 'quality'), sign=True)}, alignment "
+            f"{fmt(comp(k, 'alignment'), sign=True)}, drift "
+            f"{fmt(s[k]['eval'][LARGE]['drift'], 4)}" for k in arms)
+    elif finding == "online_offline":
         on, off = s[("large", "PRDP online")], s[("large", "PRDP offline")]
-        held = _better(on, off, HELDOUT)
-        return held, (f"held-out: online {fmt(on['eval'][HELDOUT]['final'])}, offline "
-                      f"{fmt(off['eval'][HELDOUT]['final'])} (base "
-                      f"{on['eval'][HELDOUT]['base']:.3f})"), \
-            "online PRDP ends > 1 SE above offline PRDP on held-out prompts"
-    raise KeyError(finding)
+        held = _better(on, off, LARGE)
+        text = (f"world_large_sample: gain online {fmt(on['eval'][LARGE]['gain'], sign=True)}, "
+                f"offline {fmt(off['eval'][LARGE]['gain'], sign=True)} (base "
+                f"{on['eval'][LARGE]['base']:.3f})")
+    else:
+        raise KeyError(finding)
+    return held, text, rule
+
+
+def _passes(summary: dict) -> str:
+    by_pass = summary.get("clip_frac_by_pass")
+    return ("/".join(f"{v:.2f}" for v in by_pass) if by_pass
+            else f"{summary['clip_frac']:.2f} (one pass)")
 
 
 def plot(path: str, title: str, curves: dict, sets: Sequence[str]) -> None:
@@ -141,11 +211,16 @@ def plot(path: str, title: str, curves: dict, sets: Sequence[str]) -> None:
         ax.set_title(panel if panel != "train" else "training batches")
         ax.set_xlabel("reward queries")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("alignment reward")
+    axes[0][0].set_ylabel("reward")
     axes[0][-1].legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
+    _save(fig, path)
+
+
+def _save(fig, path: str) -> None:
     import io
+    import matplotlib.pyplot as plt
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)
@@ -153,41 +228,77 @@ def plot(path: str, title: str, curves: dict, sets: Sequence[str]) -> None:
     files.atomic_write_bytes(path, buf.getvalue())
 
 
-def plot_beta(path: str, summaries: dict) -> None:
-    """Final held-out reward against drift, one point per beta (mean ± SE over seeds)."""
+def plot_beta(path: str, curves: dict, name: str = LARGE) -> None:
+    """The beta trade-off on `name`: the gain of the trained reward (quality) against the gain of
+    the gold reward it never sees (alignment), and against the drift; one point per beta and
+    seed (`curves[label]` per-seed curves of the arm 'PRDP beta=<b>')."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(4.5, 3.6))
-    for (scale, label), s in sorted(summaries.items(), key=lambda kv: kv[0][1]):
-        (r, rse), (d, dse) = s["eval"][HELDOUT]["final"], s["eval"][HELDOUT]["drift"]
-        ax.errorbar(d, r, xerr=dse, yerr=rse, fmt="o", capsize=3, label=label)
-    ax.set_xlabel("drift: mean per-step log-ratio to the base")
-    ax.set_ylabel("held-out alignment reward")
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (label, runs) in enumerate(sorted(curves.items(),
+                                             key=lambda kv: float(kv[0].split("=")[1]))):
+        e = [c["eval"][name] for c in runs]
+        quality = [x["components"]["quality"][1] - x["components"]["quality"][0] for x in e]
+        alignment = [x["components"]["alignment"][1] - x["components"]["alignment"][0] for x in e]
+        drift = [x["drift"][-1] for x in e]
+        kw = dict(color=colors[i % len(colors)], label=label.split(" ")[1])
+        axes[0].scatter(alignment, quality, **kw)
+        axes[1].scatter(drift, quality, **kw)
+    axes[0].axvline(0, color="grey", linewidth=0.8)
+    axes[0].set_xlabel("gold reward gain (alignment, not trained on)")
+    axes[1].set_xlabel("drift: mean per-step log-ratio to the base")
+    for ax in axes:
+        ax.set_ylabel("trained reward gain (quality)")
+        ax.axhline(0, color="grey", linewidth=0.8)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, title="beta")
+    fig.suptitle(f"beta trade-off ({name}), one point per beta and seed")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_clip(path: str, title: str, curves: dict) -> None:
+    """The clip fraction of each pass (mean over epochs; one line per arm, thin per seed)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(4.8, 3.4))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (label, runs) in enumerate(curves.items()):
+        if "clip_frac_by_pass" not in runs[0]:
+            continue
+        per_seed = [np.mean(c["clip_frac_by_pass"], axis=0) for c in runs]
+        passes = np.arange(1, len(per_seed[0]) + 1)
+        for y in per_seed:
+            ax.plot(passes, y, color=colors[i % len(colors)], alpha=0.3, linewidth=0.8)
+        ax.plot(passes, np.mean(per_seed, axis=0), color=colors[i % len(colors)], linewidth=2,
+                label=label)
+    ax.set_xlabel("pass over the epoch's pairs")
+    ax.set_ylabel("clip fraction")
+    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    import io
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    files.atomic_write_bytes(path, buf.getvalue())
+    _save(fig, path)
 
 
 def update_page(path: str, results_dir: str, order: Sequence[str]) -> None:
     """Rewrites the table between the markers of docs/results.md from every finding whose
     `<results_dir>/<finding>.json` exists, in `order` (the prose around the table is kept), so a
     finding run on its own keeps the rows of the others."""
-    lines = [BEGIN, "", "| finding | paper | measured here (mean ± SE over seeds) | rule | held? |",
-             "|---|---|---|---|---|"]
+    lines = [BEGIN, "", "| finding | paper | measured here (mean ± SE over seeds) | rule | "
+                        "evaluation's power | held? |", "|---|---|---|---|---|---|"]
     for name in order:
         result = os.path.join(results_dir, f"{name}.json")
         if not os.path.exists(result):
             continue
         with open(result) as f:
             r = json.load(f)
+        held = {True: "yes", False: "no", None: "undecided (evaluation too small)"}[r["held"]]
         lines.append(f"| {r['finding']} | {r['paper']} | {r['measured']} | {r['rule']} | "
-                     f"{'yes' if r['held'] else 'no'} |")
+                     f"{r.get('power', '')} | {held} |")
     lines += ["", END]
     table = "\n".join(lines)
     text = open(path).read() if os.path.exists(path) else f"# Results\n\n{BEGIN}\n{END}\n"

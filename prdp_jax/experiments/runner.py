@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import hashlib
 import json
 import os
 import tempfile
@@ -35,48 +34,57 @@ import ml_collections
 
 from prdp_jax import config as config_lib
 from prdp_jax.config import to_json
-from prdp_jax.experiments.findings import Arm
+from prdp_jax.experiments.findings import Arm, Regime, Scale
 from prdp_jax.infra import files
 from prdp_jax.infra.errors import UserError
 from prdp_jax.training import loop
 
 EVAL_SETS = ("world_small", "world_large_sample", "world_heldout")
-TRAIN_SETS = {"small": "world_small", "large": "world_large"}
+COMPONENTS = ("alignment", "quality")
 
 
 @dataclasses.dataclass(frozen=True)
 class Size:
-    """How big every run of an experiment is."""
+    """How big every run of an experiment is: each scale's prompt set and regime, and the
+    evaluation every run shares."""
 
     recipe: str               # configs/world.py recipe the runs start from
-    epochs: int
-    prompts_per_epoch: int
-    images_per_prompt: int
-    prompts_per_minibatch: int
-    eval_every: int           # evaluate on the fixed-seed sets every this many epochs
-    eval_prompts: int         # first this many prompts of each evaluation set
-    eval_samples: int         # samples per evaluation prompt
+    scales: Mapping[str, Scale]
+    eval_prompts: int         # first this many prompts of each evaluation set (0 = all)
+    eval_samples: int         # fixed-seed samples per evaluation prompt
     seeds: int                # seeds per arm
-    lr_grid: tuple            # learning rates of the sweep
+    lr_grid: tuple            # learning rates of the sweep (extended while its best is an edge)
+    sweep_scale: str = "large"
 
-    @property
-    def queries_per_epoch(self) -> int:
-        return self.prompts_per_epoch * self.images_per_prompt
 
+FULL_LARGE = Regime(epochs=16, prompts_per_epoch=8, images_per_prompt=8, prompts_per_minibatch=2,
+                    passes_per_epoch=1)
+FULL_SMALL = Regime(epochs=8, prompts_per_epoch=8, images_per_prompt=8, prompts_per_minibatch=8,
+                    passes_per_epoch=10)
+QUICK_LARGE = Regime(epochs=2, prompts_per_epoch=4, images_per_prompt=4, prompts_per_minibatch=2,
+                     passes_per_epoch=1)
+QUICK_SMALL = Regime(epochs=2, prompts_per_epoch=4, images_per_prompt=4, prompts_per_minibatch=4,
+                     passes_per_epoch=2)
 
 SIZES = {
-    # The world job's budget (16 epochs x 64 queries). A run is ~8 minutes on a 2-core CPU
-    # (cached base; 23.5 s epochs and five evaluations of 3 x 32 prompts x 2 samples; the recorded
-    # runs took ~10, before the update differentiated only the trainable params), so a finding of
-    # 2 arms x 3 seeds takes under an hour, and the shared rate sweep (2 methods x 3 rates) one
-    # more. The grid brackets the world's cross-attention rate 1e-4.
-    "full": Size(recipe="prdp", epochs=16, prompts_per_epoch=16, images_per_prompt=4,
-                 prompts_per_minibatch=8, eval_every=4, eval_prompts=32, eval_samples=2, seeds=3,
-                 lr_grid=(3e-5, 1e-4, 3e-4)),
+    # large: the main job (16 epochs of 8 captions x 8 images, 4 AdamW steps an epoch: 1,024
+    # queries, 64 updates; ~4.5 minutes of training on a 2-core CPU). small: the paper's
+    # small-scale regime, K = 10 passes of one AdamW step over all 64 trajectories of an epoch,
+    # 8 epochs (512 queries, 80 updates; ~14 minutes). Each run is evaluated once, at its end, on
+    # the first 256 captions of each set (world_small has 32) x 4 fixed-seed samples (~2 minutes;
+    # the base's evaluation is shared by every run); its training-batch reward is its curve.
+    # The rate grid brackets the main job's 1e-4.
+    "full": Size(recipe="prdp", scales={
+        "small": Scale("small", "world_small", FULL_SMALL),
+        "large": Scale("large", "world_large", FULL_LARGE),
+        "large_k": Scale("large_k", "world_large", FULL_SMALL)},
+        eval_prompts=256, eval_samples=4, seeds=3, lr_grid=(3e-5, 1e-4, 3e-4)),
     # The CI smoke: a tiny model pretrained for a few steps, every code path once.
-    "quick": Size(recipe="tiny", epochs=2, prompts_per_epoch=4, images_per_prompt=4,
-                  prompts_per_minibatch=2, eval_every=2, eval_prompts=4, eval_samples=2, seeds=1,
-                  lr_grid=(3e-3,)),
+    "quick": Size(recipe="tiny", scales={
+        "small": Scale("small", "world_small", QUICK_SMALL),
+        "large": Scale("large", "world_large", QUICK_LARGE),
+        "large_k": Scale("large_k", "world_large", QUICK_SMALL)},
+        eval_prompts=4, eval_samples=2, seeds=1, lr_grid=(3e-3,)),
 }
 
 
@@ -95,26 +103,33 @@ def arm_key(size: Size, arm: Arm) -> str:
 
 
 def run_config(size: Size, scale: str, arm: Arm, seed: int, learning_rates: Mapping[str, float],
-               base_dir: str | None = None) -> ml_collections.ConfigDict:
-    """The config of one run: the world recipe, the size, the scale, the arm, the seed."""
+               base_dir: str | None = None, reward: Mapping[str, float] | None = None
+               ) -> ml_collections.ConfigDict:
+    """The config of one run: the world recipe, the size, the scale, the arm, the seed (and the
+    reward, if a finding trains on one component of the world's)."""
     c = world_config(size.recipe)
     if base_dir:
         c.world.base_dir = base_dir
     method = arm.overrides.get("method", "prdp")
     c.method = method
-    c.prompts.train = TRAIN_SETS[scale]
+    where = size.scales[scale]
+    r = where.regime
+    c.prompts.train = where.train_set
     t = c.train
-    t.epochs, t.prompts_per_epoch = size.epochs, size.prompts_per_epoch
-    t.images_per_prompt, t.prompts_per_minibatch = size.images_per_prompt, size.prompts_per_minibatch
+    t.epochs, t.prompts_per_epoch, t.passes_per_epoch = r.epochs, r.prompts_per_epoch, \
+        r.passes_per_epoch
+    t.images_per_prompt, t.prompts_per_minibatch = r.images_per_prompt, r.prompts_per_minibatch
     t.learning_rate = learning_rates.get(method, t.learning_rate)
+    if reward:
+        c.reward.weights = dict(reward)
     c.eval.sets = EVAL_SETS
-    c.eval.every_epochs = size.eval_every
+    c.eval.every_epochs = 0                      # the base (shared) and the end
     c.eval.max_prompts = size.eval_prompts
     c.eval.samples_per_prompt = size.eval_samples
     c.eval.shuffled_control = False
     c.log.progress = False
-    c.log.grid_every_epochs = size.epochs
-    c.checkpoint.every_epochs = size.eval_every  # an interrupted run resumes from its last eval
+    c.log.grid_every_epochs = r.epochs
+    c.checkpoint.every_epochs = 1                # an interrupted run loses at most an epoch
     c.checkpoint.max_to_keep = 1
     c.seed = seed
     for k, v in arm.overrides.items():
@@ -123,20 +138,11 @@ def run_config(size: Size, scale: str, arm: Arm, seed: int, learning_rates: Mapp
     return c
 
 
-# Config sections the reference evaluation never reads (besides train, of which it reads only the
-# gradient tiling of its drift pass, and prompts, whose file paths evaluation sets may name).
-NOT_READ_BY_EVALUATION = ("method", "seed", "prdp", "ddpo", "log", "checkpoint")
-
-
 def reference_key(config: ml_collections.ConfigDict | dict) -> str:
     """A digest of every config field the base model's evaluation depends on (of a config, or
-    of its JSON form as a record keeps it)."""
-    d = json.loads(json.dumps(config) if isinstance(config, dict) else to_json(config))
-    for k in NOT_READ_BY_EVALUATION:
-        d.pop(k, None)
-    d["train"] = {k: d["train"][k] for k in ("microbatch_trajectories", "microbatch_steps")}
-    d["prompts"].pop("train")
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+    of its JSON form as a record keeps it): `evaluation.config_key`."""
+    from prdp_jax.training import evaluation
+    return evaluation.config_key(config)
 
 
 def reference_path(reference_cache: str, config: ml_collections.ConfigDict) -> str:
@@ -241,21 +247,47 @@ def run(config: ml_collections.ConfigDict, workdir: str, log: Callable = print,
 
 
 def curve(workdir: str, config: ml_collections.ConfigDict) -> dict:
-    """{'queries': [...], 'train_reward': [...], 'drift': [...], 'eval': {set: {'queries',
-    'reward', 'se', 'drift'}}} from a finished run's files (queries 0 = the base model)."""
+    """A finished run's learning curve, from its files (queries 0 = the base model):
+
+    {'queries', 'train_reward', 'drift', 'clip_frac': one per epoch;
+     'clip_frac_by_pass': per epoch, the clip fraction of each pass (K > 1 only);
+     'eval': {set: {'queries', 'reward', 'se', 'drift': base, [periodic,] final;
+                    'gain_se': the paired standard error over prompts of final - base;
+                    'components': {name: [base, final]}, 'components_gain_se': {name: se}}}}
+    """
+    from prdp_jax.training import evaluation
     per_epoch = config.train.prompts_per_epoch * config.train.images_per_prompt
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     with open(os.path.join(workdir, "eval", "before.json")) as f:
         before = json.load(f)
+    with open(os.path.join(workdir, "eval", "after.json")) as f:
+        after = json.load(f)
+    K = config.train.passes_per_epoch
     out = {"queries": [r["epoch"] * per_epoch for r in rows],
            "train_reward": [r["reward_mean"] for r in rows],
-           "drift": [r["drift"] for r in rows], "eval": {}}
+           "drift": [r["drift"] for r in rows], "clip_frac": [r["clip_frac"] for r in rows],
+           "eval": {}}
+    if K > 1:
+        out["clip_frac_by_pass"] = [[r[f"clip_frac/pass{k + 1}"] for k in range(K)] for r in rows]
+    final_q = config.train.epochs * per_epoch
     for name in config.eval.sets:
         points = [(0, before[name]["reward_mean"], before[name]["reward_se"], 0.0)]
         points += [(r["epoch"] * per_epoch, r[f"eval/{name}/reward_mean"],
                     r[f"eval/{name}/reward_se"], r[f"eval/{name}/drift_mean"])
-                   for r in rows if f"eval/{name}/reward_mean" in r]
+                   for r in rows if f"eval/{name}/reward_mean" in r
+                   and r["epoch"] * per_epoch < final_q]
+        a = after[name]
+        points.append((final_q, a["reward_mean"], a["reward_se"], a["drift_mean"]))
         q, m, se, d = (list(v) for v in zip(*points))
-        out["eval"][name] = {"queries": q, "reward": m, "se": se, "drift": d}
+        # the world's two components, alone or inside the preference reward
+        comps = {k.rsplit("/", 1)[-1]: k for k in before[name].get("components", {})
+                 if k in COMPONENTS or k in [f"preference/{c}" for c in COMPONENTS]}
+        out["eval"][name] = {
+            "queries": q, "reward": m, "se": se, "drift": d,
+            "gain_se": evaluation.change_se(before[name], a),
+            "components": {c: [before[name]["components"][k], a["components"][k]]
+                           for c, k in comps.items()},
+            "components_gain_se": {c: evaluation.change_se(before[name], a, k)
+                                   for c, k in comps.items()}}
     return out

@@ -109,5 +109,9 @@ def train_epoch(setup: Setup, state: TrainState, frozen, ref_params, prompts: li
     records = jax.device_get(records)
     check_finite(epoch, records)
     metrics = {k: float(np.mean([r[k] for r in records])) for k in records[0] if k != "nonfinite"}
+    if K > 1:  # the clip binds from the second pass on: its fraction pass by pass
+        metrics.update({f"clip_frac/pass{k + 1}": float(np.mean([r["clip_frac"] for r in
+                                                                 records[k * M:(k + 1) * M]]))
+                        for k in range(K)})
     metrics.update(info, update_time=time.perf_counter() - t0)
     return state.replace(params=params, opt_state=opt_state), samples, metrics

@@ -167,10 +167,38 @@ class Evaluator:
                                      os.path.join(workdir, "eval",
                                                   f"{label}_{prompt_sets.slug(name)}.png")
                                      if grids else None, show_progress)
+            results[name]["config_key"] = config_key(self.config)   # see `reusable`
         if jax.process_index() == 0:
             os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
             files.atomic_write_json(os.path.join(workdir, "eval", f"{label}.json"), results)
         return results
+
+
+# Config sections an evaluation never reads (besides train, of which it reads only the gradient
+# tiling of its drift pass, and prompts, whose file paths evaluation sets may name).
+NOT_READ_BY_EVALUATION = ("method", "seed", "prdp", "ddpo", "log", "checkpoint")
+
+
+def config_key(config: ml_collections.ConfigDict | dict) -> str:
+    """A digest of every config field an evaluation of given params depends on (the model,
+    world, schedule, sampling, reward, evaluation, prompt-file and mesh sections), of a config
+    or of its JSON form."""
+    import hashlib
+    import json
+    from prdp_jax.config import to_json
+    d = json.loads(json.dumps(config) if isinstance(config, dict) else to_json(config))
+    for k in NOT_READ_BY_EVALUATION:
+        d.pop(k, None)
+    d["train"] = {k: d["train"][k] for k in ("microbatch_trajectories", "microbatch_steps")}
+    d["prompts"].pop("train")
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def reusable(results: dict | None, config: ml_collections.ConfigDict) -> bool:
+    """Whether a saved evaluation (eval/before.json) was made under `config`'s evaluation
+    fields: a workdir resumed with another reward, set or model must not reuse it."""
+    return bool(results) and set(results) == set(config.eval.sets) and all(
+        r.get("config_key") == config_key(config) for r in results.values())
 
 
 def flatten(results: dict) -> dict:

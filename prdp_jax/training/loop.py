@@ -186,6 +186,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
     config_lib.validate(config)
     is_main = jax.process_index() == 0
     say = log if is_main else (lambda *a, **k: None)
+    warning = config_lib.precision_warning(config)
+    if warning:
+        say(f"warning: {warning}")
     mesh = sharding.mesh_from_config(config.mesh)
     reward_fn = rewards_lib.combine(dict(config.reward.weights), config)
     train_prompts = prompt_sets.load(config.prompts.train, config)
@@ -246,6 +249,10 @@ def run_in_workdir(setup: Setup, workdir: str, reward_fn, train_prompts: list[st
     t0 = time.perf_counter()
     if evaluator is not None:
         before = files.read_json(os.path.join(workdir, "eval", "before.json"), missing_ok=True)
+        if before is not None and not evaluation.reusable(before, config):
+            say("eval/before.json was made under other evaluation settings (reward, sets, "
+                "model or sampling); evaluating the reference again")
+            before = None
         if before is None:
             say("evaluating the reference (before finetuning)")
             before = evaluator.run_sets(ref_params, None, frozen, "before", workdir, show)
