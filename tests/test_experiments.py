@@ -254,3 +254,16 @@ def test_a_saved_reference_evaluation_is_reused_only_under_the_same_evaluation_s
     assert not evaluation.reusable(saved, fewer)
     unstamped = {n: {"reward_mean": 0.5} for n in config.eval.sets}   # written before the key
     assert not evaluation.reusable(unstamped, config)
+
+
+def test_the_findings_clip_is_the_committed_calibration_and_every_clipped_arm_uses_it():
+    from prdp_jax.experiments import findings
+    with open(os.path.join(ROOT, "docs", "results", "clip_calibration.json")) as f:
+        calibration = json.load(f)
+    assert findings.CLIP == findings.clip_rule(calibration["quantiles"]["50"]) == \
+        calibration["clip"]
+    for f in findings.FINDINGS.values():
+        for arm in f.arms:
+            o = arm.overrides
+            clip = o["prdp.clip_eps"] if o["method"] == "prdp" else o["ddpo.clip_range"]
+            assert clip == (findings.INF if "no clip" in arm.name else findings.CLIP), arm

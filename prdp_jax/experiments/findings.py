@@ -78,22 +78,36 @@ def reward_name(weights: Mapping[str, float]) -> str:
     return "+".join(k for k, v in weights.items() if v)
 
 
-def prdp(**overrides) -> dict:
-    return {"method": "prdp", **overrides}
-
-
-def ddpo(**overrides) -> dict:
-    # DDPO's stat tracker as ddpo-pytorch configures it (buffer 32, min count 16): with 8 images
-    # a caption, a caption drawn once falls back to the batch's statistics (paper, Appendix B).
-    return {"method": "ddpo", "ddpo.min_count": 16, **overrides}
-
-
 INF = float("inf")
+
+
+def clip_rule(median_one_step: float) -> float:
+    """The findings' clip (PRDP's eps, DDPO's ratio clip): the median |per-step log-ratio| one
+    AdamW step moves from theta_old in the small-scale regime, to one significant digit
+    (`calibrate.py`), so that from the second pass on the clip binds on about half of the
+    transitions. The world config's own 1e-2 never binds (a step moves a log-ratio by ~1e-5)."""
+    return float(f"{median_one_step:.0e}")
 
 # beta of the trade-off sweep: targets dr / beta from far beyond the model's reach (0.01: a
 # reward difference of 0.05 asks a log-ratio of 5; PRDP moves a trajectory's by ~0.005 in a run)
 # to far inside it (100: 5e-4).
 BETAS = (0.01, 0.1, 1.0, 10.0, 100.0)
+
+# clip_rule of the median measured by `python -m prdp_jax.experiments.calibrate` (1.22e-5 over
+# 576 transitions, docs/results/clip_calibration.json; a test holds the two together).
+CLIP = 1e-5
+
+
+def prdp(**overrides) -> dict:
+    return {"method": "prdp", "prdp.clip_eps": CLIP, **overrides}
+
+
+def ddpo(**overrides) -> dict:
+    # DDPO's stat tracker as ddpo-pytorch configures it (buffer 32, min count 16): with 8 images
+    # a caption, a caption drawn once falls back to the batch's statistics (paper, Appendix B).
+    # Its ratio clip |pi/pi_old - 1| ~ |log-ratio|: the same scale as PRDP's.
+    return {"method": "ddpo", "ddpo.min_count": 16, "ddpo.clip_range": CLIP, **overrides}
+
 
 FINDINGS = {
     "small_scale": Finding(

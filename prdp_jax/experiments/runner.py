@@ -120,6 +120,10 @@ def run_config(size: Size, scale: str, arm: Arm, seed: int, learning_rates: Mapp
         r.passes_per_epoch
     t.images_per_prompt, t.prompts_per_minibatch = r.images_per_prompt, r.prompts_per_minibatch
     t.learning_rate = learning_rates.get(method, t.learning_rate)
+    # The findings' clip (findings.CLIP, 1e-5) is within a few times of the sampler's rounding
+    # against the scorer (~4e-6): theta_old is scored by the scorer, so at theta = theta_old the
+    # clip sees exactly 0 (docs/stable_diffusion.md#precision).
+    t.rescore_old = True
     if reward:
         c.reward.weights = dict(reward)
     c.eval.sets = EVAL_SETS
