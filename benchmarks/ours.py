@@ -66,10 +66,10 @@ class _Tokenizer:
 
 
 class Setup:
-    """The trainer's steps (`training.epoch.Setup`) over a freshly initialised UNet of `case`,
-    plus fixed prompt contexts."""
+    """The trainer's steps (`training.epoch.Setup`) over a freshly initialised UNet of `case`
+    (or over `params`, shaped like it), plus fixed prompt contexts."""
 
-    def __init__(self, case: Case, config, seed: int = 0):
+    def __init__(self, case: Case, config, seed: int = 0, params=None):
         self.case, self.config = case, config
         mesh = sharding.mesh_from_config(config.mesh)
         self.unet = pipeline_lib.unet_from_config(config)
@@ -80,7 +80,8 @@ class Setup:
         abstract = jax.eval_shape(init, jax.random.key(seed))
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl),
                                 abstract)
-        self.params = jax.jit(init, out_shardings=repl)(jax.random.key(seed))
+        self.params = (jax.jit(init, out_shardings=repl)(jax.random.key(seed)) if params is None
+                       else params)
         pipe = pipeline_lib.Pipeline(
             unet=self.unet, text_encoder=_Text(case.text_dim),
             tokenizer=_Tokenizer(case.text_length), latent_shape=latent,
@@ -111,7 +112,8 @@ class Setup:
                               sharding.put(index, t.shardings.batch))
 
     def epoch_data(self):
-        """The epoch's minibatches, sampled from the params and scored as the trainer does."""
+        """The epoch's minibatches, sampled from the params and scored as the trainer does
+        (`score_transitions`' info kept in `self.score_info`)."""
         t = self.training
         size, total = t.shape.sample_batch, t.shape.trajectories
         batches = tuple(self.sample(i * size)[0] for i in range(total // size))
@@ -119,8 +121,8 @@ class Setup:
         samples = epoch_lib.EpochSamples(
             prompts=[], batches=batches, prompt_context=self.context, uncond=self.uncond,
             rewards=rewards, reward_info={}, grid_images=None, sample_time=0.0, reward_time=0.0)
-        data, _ = epoch_lib.score_transitions(t, self.params, self.params, samples,
-                                              np.zeros_like(rewards), 0)
+        data, self.score_info = epoch_lib.score_transitions(t, self.params, self.params, samples,
+                                                            np.zeros_like(rewards), 0)
         return data
 
     def update_fn(self):

@@ -52,7 +52,11 @@ def get_config(recipe: str = "small_hpsv2"):
     c.model.source = "diffusers"
     c.model.path = ""                  # Set to the folder holding model_index.json (SD 1.4 in the paper).
     c.model.resolution = 0             # 0 = the UNet's native size (512 px for SD 1.x).
-    c.model.dtype = "bfloat16"         # bf16 activations; log-probs are computed in float32.
+    c.model.dtype = "bfloat16"         # The sampler's activations: bf16 (log-probs in float32).
+    c.model.score_dtype = "float32"    # Every pass that scores stored transitions (theta_old,
+                                       # the reference, the update) in float32: bf16 rounding
+                                       # moves a per-step log-ratio far past the paper's clip eps
+                                       # (docs/stable_diffusion.md#precision, docs/precision.md).
     c.model.param_dtype = "float32"    # float32 master weights (bf16 would round away lr-1e-5 updates).
     c.model.remat = True               # Rematerialise UNet blocks: backward memory per tile.
     c.model.attention_chunk = 1024     # Attention 1024 queries at a time: the 4096-token layers'
@@ -74,6 +78,8 @@ def get_config(recipe: str = "small_hpsv2"):
         t.epochs = 250                 # §4.4: the KL study runs 250 epochs.
     t.weight_decay = 1e-4
     t.max_grad_norm = 1.0
+    t.rescore_old = True               # theta_old's log-probs from the float32 scorer, not the
+                                       # bf16 sampler: at theta = theta_old the clip sees exactly 0.
     t.microbatch_trajectories = 8      # Gradient tile: 8 trajectories (a multiple of the devices)
     t.microbatch_steps = 2             #   x 2 steps = 16 transitions (x2 for CFG) per backward.
     if scale == "small":

@@ -113,7 +113,7 @@ def abstract_pipeline(config, mesh):
     from prdp_jax.models.text_encoder import TextEncoder
     from prdp_jax.models.unet import UNet
     from prdp_jax.models.vae import AutoencoderKL
-    from prdp_jax.pipelines.base import DTYPES, Pipeline
+    from prdp_jax.pipelines.base import DTYPES, Pipeline, score_dtype_of
     m = config.model
     kw = dict(dtype=DTYPES[m.dtype], param_dtype=DTYPES[m.param_dtype])
     unet = UNet(**diffusers_folder.unet_fields(SD14_UNET), remat=bool(m.remat),
@@ -137,6 +137,7 @@ def abstract_pipeline(config, mesh):
     pipe = Pipeline(unet=unet, text_encoder=text, tokenizer=_Tokenizer(),
                     latent_shape=(size, size, unet.in_channels), decode=decode,
                     unet_params=None, frozen_params=None, abstract_unet_params=abstract_unet,
+                    score_dtype=score_dtype_of(config),
                     gather=sharding.gather_over_fsdp(
                         jax.tree.map(lambda a: a.sharding, abstract_unet)))
     return pipe, frozen
@@ -164,6 +165,11 @@ def reward_bytes(rewards: tuple) -> int:
     return 4 * sum(sizes[r] for r in rewards)
 
 
+def precision(config) -> dict:
+    """The recipe's precision policy: the sampler's and the scorer's activation dtypes."""
+    return {"dtype": config.model.dtype, "score_dtype": config.model.score_dtype or config.model.dtype}
+
+
 def measure(scale: str, devices: int, layout: str) -> dict:
     """Compiles one configuration (in this process, which must have `devices` devices)."""
     import jax
@@ -186,7 +192,7 @@ def measure(scale: str, devices: int, layout: str) -> dict:
     grads = per_device_bytes(jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32, sharding=a.sharding), state.params))
     return {
-        "scale": scale, "devices": devices, "layout": layout,
+        "scale": scale, "devices": devices, "layout": layout, "precision": precision(config),
         "unet_params": sum(math.prod(a.shape) for a in jax.tree.leaves(state.params)),
         "bytes": {
             "params": params, "optimizer": per_device_bytes(state.opt_state),
@@ -233,6 +239,15 @@ def smallest_fit(rows: list, scale: str, rewards: tuple) -> list[str]:
     return out
 
 
+def _policy(rows: list) -> str:
+    """The precision policy of the rows, in words (docs/stable_diffusion.md#precision)."""
+    p = rows[0].get("precision", {"dtype": "bfloat16", "score_dtype": "bfloat16"}) if rows else {}
+    if not p or p["dtype"] == p["score_dtype"]:
+        return f"{p.get('dtype', '?')} activations"
+    return (f"{p['dtype']} activations in the sampler and {p['score_dtype']} wherever stored "
+            f"transitions are scored (model.score_dtype)")
+
+
 def markdown(rows: list) -> str:
     gib = lambda v: f"{v / GIB:.2f}"
     head = ("| scale | devices | layout | params | AdamW | gradient | reference | text enc. + VAE "
@@ -242,8 +257,8 @@ def markdown(rows: list) -> str:
         "# Memory plan: Stable Diffusion 1.4 at 512 px", "",
         "Per-device GiB from ahead-of-time compiles of the real training steps on a simulated "
         "CPU mesh (`python -m prdp_jax.memory_plan`; no weights, no accelerator). Small scale: "
-        "32 prompts x 16 images, K=10; large: 64 x 8, K=1; both 50 DDPM steps with CFG 5, bf16 "
-        "activations and float32 weights, AdamW moments and gradient. Activations are XLA's "
+        "32 prompts x 16 images, K=10; large: 64 x 8, K=1; both 50 DDPM steps with CFG 5, "
+        + _policy(rows) + "; float32 weights, AdamW moments and gradient. Activations are XLA's "
         "largest temp allocation among the sampling, scoring, gradient-tile and optimiser steps "
         "(XLA:CPU's buffer assignment: an estimate of the accelerator's, not a guarantee). "
         "The reward models are held replicated on every device, in float32: "
@@ -298,9 +313,10 @@ def main(argv=None) -> int:
         return 0
     rows = []
     path = args.out + ".json"
-    if os.path.exists(path):
+    if os.path.exists(path):  # rows of another precision policy are measured again
         with open(path) as f:
-            rows = json.load(f)["rows"]
+            rows = [r for r in json.load(f)["rows"]
+                    if r.get("precision") == precision(sd_config(r["scale"], 8, "fsdp"))]
     for scale in args.scales:
         for devices in args.devices:
             for layout in args.layouts:

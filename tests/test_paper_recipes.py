@@ -71,3 +71,54 @@ def test_recipe_matches_the_paper_or_says_why(recipes, rows):
                                            f"paper's {paper!r} without a reason in docs/recipes.md")
         if recipe.startswith("aesthetic_beta"):
             assert same(c.prdp.beta, float(recipe[len("aesthetic_beta"):]))
+
+
+def test_the_sd_recipes_score_in_the_measured_precision_and_bf16_scoring_warns():
+    """The recipes' precision policy is the one docs/precision.md measured to keep the clip
+    meaningful (bf16 sampling, float32 scoring of every stored transition); asking for bf16
+    scoring with the paper's eps prints one warning naming the measured noise against eps."""
+    import json
+    with open(os.path.join(ROOT, "docs", "precision.json")) as f:
+        measured = json.load(f)["policies"]
+    # the constant the warning quotes is the committed measurement (1 significant digit)
+    assert config_lib.BF16_SCORING_NOISE == float(f"{measured['bf16']['noise_median']:.0e}")
+    # float32 scoring: no clip fraction at theta_old, and after one step the float32 scorer's
+    chosen = measured["bf16_sample"]
+    assert all(v == 0 for v in chosen["clip_frac_at_old"].values())
+    assert chosen["clip_frac_one_step"] == chosen["clip_frac_one_step_float32"]
+    for recipe in config_lib.load_module(os.path.join(ROOT, "configs", "sd.py")).RECIPES:
+        c = config_lib.load_named("sd", recipe)
+        assert (c.model.dtype, c.model.score_dtype, c.train.rescore_old) == (
+            "bfloat16", "float32", True), recipe
+        config_lib.validate(c)
+        assert config_lib.precision_warning(c) is None, recipe
+        c.model.score_dtype = "bfloat16"
+        eps = c.prdp.clip_eps if c.method == "prdp" else c.ddpo.clip_range
+        warning = config_lib.precision_warning(c)
+        assert (warning is not None) == (eps < config_lib.BF16_SCORING_NOISE), recipe
+        if warning:
+            assert f"{eps:g}" in warning and f"{config_lib.BF16_SCORING_NOISE:.0e}" in warning
+    world = config_lib.load_named("world")
+    assert config_lib.precision_warning(world) is None      # float32 throughout
+
+
+def test_a_run_asked_to_score_in_bf16_says_so_in_one_warning_line_at_start(monkeypatch, tmp_path):
+    from prdp_jax.training import loop
+
+    class Started(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Started
+    monkeypatch.setattr(loop.rewards_lib, "combine", stop)   # the first thing a run builds
+    for score_dtype, warns in (("bfloat16", True), ("float32", False)):
+        c = config_lib.load_named("sd", "small_hpsv2")
+        c.model.path = str(tmp_path)
+        c.model.score_dtype = score_dtype
+        lines = []
+        with pytest.raises(Started):
+            loop.train_and_evaluate(c, str(tmp_path / "run"), log=lines.append)
+        warnings = [line for line in lines if line.startswith("warning:")]
+        assert len(warnings) == int(warns), lines
+        if warns:
+            assert "8e-03" in warnings[0] and "prdp.clip_eps=1e-06" in warnings[0]
