@@ -51,6 +51,16 @@ def test_quick_experiments_write_every_finding(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (runs / "results.md").read_text() == page_before
     assert "training" not in proc.stdout
+    # the clip's calibration (one step from the base) on the same tiny world
+    calibration = tmp_path / "clip_calibration.json"
+    proc = subprocess.run([sys.executable, "-m", "prdp_jax.experiments.calibrate", "--quick",
+                           f"--runs={runs}", f"--out={calibration}"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600,
+                          env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    c = json.loads(calibration.read_text())
+    q = c["quantiles"]
+    assert 0 < q["25"] <= q["50"] <= q["75"] and c["clip"] == float(f"{q['50']:.0e}")
     # One reference evaluation, shared by every run: each curve starts at its numbers.
     (shared,) = (runs / "before").iterdir()
     base = json.loads(shared.read_text())["world_heldout"]["reward_mean"]

@@ -62,11 +62,13 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="the tiny world (CI smoke)")
     p.add_argument("--out", help="default docs/results/clip_calibration.json (--quick: runs/)")
+    p.add_argument("--runs", default="runs/experiments-quick",
+                   help="with --quick: the run folders whose base/ holds the tiny world's base")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     from prdp_jax.experiments import findings, runner
     from prdp_jax.infra import files, runtime
     size = runner.SIZES["quick" if args.quick else "full"]
-    base_dir = os.path.join("runs", "experiments-quick", "base") if args.quick else None
+    base_dir = os.path.join(args.runs, "base") if args.quick else None
     config = runner.run_config(size, "small", findings.Arm("PRDP", findings.prdp()), 0, {},
                                base_dir)
     runtime.setup(config)
