@@ -68,7 +68,7 @@ def make_setup(case, policy: tuple, steps: int, n: int, images: int, tile: tuple
 
 
 def measure(case, steps: int, n: int, images: int, tile: tuple, policies: dict = POLICIES,
-            log=print) -> dict:
+            log=lambda line: print(line, flush=True)) -> dict:
     """The measurements of the module docstring, one policy at a time (memory: the shared
     theta_0, one perturbed or stepped copy and one gradient live at once)."""
     import jax
@@ -152,7 +152,7 @@ def measure(case, steps: int, n: int, images: int, tile: tuple, policies: dict =
             f"{out[name]['noise_max']:.2e}, correlation {out[name]['correlation']:.3f}, "
             f"clip at theta_old {out[name]['clip_frac_at_old']}, after one step "
             f"{out[name]['clip_frac_one_step']} (float32 {out[name]['clip_frac_one_step_float32']})"
-            f" [{out[name]['seconds']:.0f} s]", flush=True)
+            f" [{out[name]['seconds']:.0f} s]")
         if setup is not truth:
             del setup
     return out
