@@ -12,7 +12,6 @@ import math
 import os
 import re
 import types
-
 from typing import Optional
 
 import ml_collections
