@@ -7,6 +7,7 @@ import re
 import pytest
 
 from prdp_jax import config as config_lib
+from prdp_jax.training import precision
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TABLE = os.path.join(ROOT, "docs", "recipes.md")
@@ -81,7 +82,7 @@ def test_the_sd_recipes_score_in_the_measured_precision_and_bf16_scoring_warns()
     with open(os.path.join(ROOT, "docs", "precision.json")) as f:
         measured = json.load(f)["policies"]
     # the constant the warning quotes is the committed measurement (1 significant digit)
-    assert config_lib.BF16_SCORING_NOISE == float(f"{measured['bf16']['noise_median']:.0e}")
+    assert precision.BF16_SCORING_NOISE == float(f"{measured['bf16']['noise_median']:.0e}")
     # float32 scoring: no clip fraction at theta_old, and after one step the float32 scorer's
     chosen = measured["bf16_sample"]
     assert all(v == 0 for v in chosen["clip_frac_at_old"].values())
@@ -91,15 +92,15 @@ def test_the_sd_recipes_score_in_the_measured_precision_and_bf16_scoring_warns()
         assert (c.model.dtype, c.model.score_dtype, c.train.rescore_old) == (
             "bfloat16", "float32", True), recipe
         config_lib.validate(c)
-        assert config_lib.precision_warning(c) is None, recipe
+        assert precision.warning(c) is None, recipe
         c.model.score_dtype = "bfloat16"
         eps = c.prdp.clip_eps if c.method == "prdp" else c.ddpo.clip_range
-        warning = config_lib.precision_warning(c)
-        assert (warning is not None) == (eps < config_lib.BF16_SCORING_NOISE), recipe
+        warning = precision.warning(c)
+        assert (warning is not None) == (eps < precision.BF16_SCORING_NOISE), recipe
         if warning:
-            assert f"{eps:g}" in warning and f"{config_lib.BF16_SCORING_NOISE:.0e}" in warning
+            assert f"{eps:g}" in warning and f"{precision.BF16_SCORING_NOISE:.0e}" in warning
     world = config_lib.load_named("world")
-    assert config_lib.precision_warning(world) is None      # float32 throughout
+    assert precision.warning(world) is None      # float32 throughout
 
 
 def test_a_run_asked_to_score_in_bf16_says_so_in_one_warning_line_at_start(monkeypatch, tmp_path):

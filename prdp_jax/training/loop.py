@@ -31,6 +31,7 @@ from prdp_jax.prompts import sets as prompt_sets
 from prdp_jax.rewards import combine as rewards_lib
 from prdp_jax.training import checkpoint as ckpt_lib
 from prdp_jax.training import evaluation
+from prdp_jax.training import precision
 from prdp_jax.training import preemption
 from prdp_jax.training.algorithm import train_epoch
 from prdp_jax.training.epoch import EpochSamples, Setup, compile_setup, make_setup
@@ -186,7 +187,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
     config_lib.validate(config)
     is_main = jax.process_index() == 0
     say = log if is_main else (lambda *a, **k: None)
-    warning = config_lib.precision_warning(config)
+    warning = precision.warning(config)
     if warning:
         say(f"warning: {warning}")
     mesh = sharding.mesh_from_config(config.mesh)
