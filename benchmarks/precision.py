@@ -96,9 +96,7 @@ def measure(case, steps: int, n: int, images: int, tile: tuple, policies: dict =
                             params, grads)
 
     def score(setup, params, data):
-        t = setup.training
-        return np.asarray(jnp.stack([t.steps.score(params, data, setup.uncond, m)
-                                     for m in t.index[:t.shape.minibatches]]))
+        return np.asarray(epoch_lib.score_all(setup.training, params, data, setup.uncond))
 
     device = jax.devices()[0]
     out = {}
@@ -153,8 +151,6 @@ def measure(case, steps: int, n: int, images: int, tile: tuple, policies: dict =
             f"clip at theta_old {out[name]['clip_frac_at_old']}, after one step "
             f"{out[name]['clip_frac_one_step']} (float32 {out[name]['clip_frac_one_step_float32']})"
             f" [{out[name]['seconds']:.0f} s]")
-        if setup is not truth:
-            del setup
     return out
 
 

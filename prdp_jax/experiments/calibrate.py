@@ -24,8 +24,6 @@ import numpy as np
 def one_step_log_ratios(config) -> np.ndarray:
     """[M, n, T] |log pi_theta1 - log pi_theta_old| of an epoch's transitions after one AdamW step
     (minibatch 0) from the base, under `config`."""
-    import jax
-    import jax.numpy as jnp
     from prdp_jax.infra import sharding
     from prdp_jax.pipelines.factory import build_pipeline
     from prdp_jax.prompts import sets as prompt_sets
@@ -50,9 +48,7 @@ def one_step_log_ratios(config) -> np.ndarray:
     loss, grads, _ = epoch_lib.minibatch_gradient(setup, state.params, data, samples.uncond, 0,
                                                   epoch_lib.known_log_probs(setup, data))
     params, _, _, _ = setup.steps.apply(state.params, state.opt_state, grads, loss)
-    new = np.asarray(jnp.stack([setup.steps.score(params, data, samples.uncond, m)
-                                for m in setup.index[:setup.shape.minibatches]]))
-    jax.block_until_ready(params)
+    new = np.asarray(epoch_lib.score_all(setup, params, data, samples.uncond))
     return np.abs(new - old)
 
 

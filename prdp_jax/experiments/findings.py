@@ -36,15 +36,9 @@ class Regime:
     def queries(self) -> int:
         return self.epochs * self.prompts_per_epoch * self.images_per_prompt
 
-    @property
-    def updates(self) -> int:
-        return (self.epochs * self.passes_per_epoch * self.prompts_per_epoch
-                // self.prompts_per_minibatch)
-
 
 @dataclasses.dataclass(frozen=True)
 class Scale:
-    name: str
     train_set: str       # prompts.train
     regime: Regime
 

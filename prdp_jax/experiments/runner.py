@@ -75,15 +75,15 @@ SIZES = {
     # the base's evaluation is shared by every run); its training-batch reward is its curve.
     # The rate grid brackets the main job's 1e-4.
     "full": Size(recipe="prdp", scales={
-        "small": Scale("small", "world_small", FULL_SMALL),
-        "large": Scale("large", "world_large", FULL_LARGE),
-        "large_k": Scale("large_k", "world_large", FULL_SMALL)},
+        "small": Scale("world_small", FULL_SMALL),
+        "large": Scale("world_large", FULL_LARGE),
+        "large_k": Scale("world_large", FULL_SMALL)},
         eval_prompts=256, eval_samples=4, seeds=3, lr_grid=(3e-5, 1e-4, 3e-4)),
     # The CI smoke: a tiny model pretrained for a few steps, every code path once.
     "quick": Size(recipe="tiny", scales={
-        "small": Scale("small", "world_small", QUICK_SMALL),
-        "large": Scale("large", "world_large", QUICK_LARGE),
-        "large_k": Scale("large_k", "world_large", QUICK_SMALL)},
+        "small": Scale("world_small", QUICK_SMALL),
+        "large": Scale("world_large", QUICK_LARGE),
+        "large_k": Scale("world_large", QUICK_SMALL)},
         eval_prompts=4, eval_samples=2, seeds=1, lr_grid=(3e-3,)),
 }
 

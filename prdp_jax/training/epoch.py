@@ -2,7 +2,7 @@
 
   sample_and_reward    N x B trajectories from a snapshot of the policy, and their images' rewards
   score_transitions    the epoch's transitions in shuffled minibatches, scored under theta_old and
-                       the frozen reference
+                       the frozen reference (`score_all`: every minibatch under some params)
   minibatch_gradient   one minibatch's loss and exact gradient (score, weights, gradient tiles)
 
 `algorithm.train_epoch` puts them together as Algorithm 1.
@@ -201,19 +201,25 @@ def score_transitions(setup: Setup, old_params, ref_params, samples: EpochSample
     data = steps.arrange(samples.batches, samples.prompt_context, put(samples.rewards),
                          put(advantages), put(prompt_permutation(setup.config, epoch, 0)))
     sampler_log_probs = data.log_probs_old
-    ms = setup.index[:setup.shape.minibatches]
     offline = setup.config.train.sampling == "offline"
     info = {}
     if offline or setup.config.train.rescore_old:
-        old = jnp.stack([steps.score(old_params, data, samples.uncond, m) for m in ms])
+        old = score_all(setup, old_params, data, samples.uncond)
         if not offline:
             info["logprob_resample_mismatch"] = float(jnp.abs(old - sampler_log_probs).max())
     else:
         old = sampler_log_probs
-    ref = jnp.stack([steps.score(ref_params, data, samples.uncond, m) for m in ms])
+    ref = score_all(setup, ref_params, data, samples.uncond)
     data = steps.set_log_probs(data, old, ref)
     info.update(drift=float((old - ref).mean()), score_time=time.perf_counter() - t0)
     return data, info
+
+
+def score_all(setup: Setup, params, data: tiled_gradient.Transitions, uncond: jax.Array
+              ) -> jax.Array:
+    """[M, n, T] log pi_params of every stored transition, minibatch by minibatch."""
+    return jnp.stack([setup.steps.score(params, data, uncond, m)
+                      for m in setup.index[:setup.shape.minibatches]])
 
 
 def known_log_probs(setup: Setup, data: tiled_gradient.Transitions) -> jax.Array:

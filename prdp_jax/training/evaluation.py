@@ -159,7 +159,7 @@ class Evaluator:
     def run_sets(self, params, ref_params, frozen, label: str, workdir: str,
                  show_progress: bool = True, grids: bool = True) -> dict:
         """Evaluates every set of `config.eval.sets`; writes eval/<label>.json (and grids)."""
-        results = {}
+        results, key = {}, config_key(self.config)
         for name in self.config.eval.sets:
             prompts = eval_prompts(self.config, name)  # checked at start (load_eval_set)
             results[name] = self.run(params, ref_params, frozen, prompts,
@@ -167,7 +167,7 @@ class Evaluator:
                                      os.path.join(workdir, "eval",
                                                   f"{label}_{prompt_sets.slug(name)}.png")
                                      if grids else None, show_progress)
-            results[name]["config_key"] = config_key(self.config)   # see `reusable`
+            results[name]["config_key"] = key   # see `reusable`
         if jax.process_index() == 0:
             os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
             files.atomic_write_json(os.path.join(workdir, "eval", f"{label}.json"), results)
@@ -197,8 +197,9 @@ def config_key(config: ml_collections.ConfigDict | dict) -> str:
 def reusable(results: dict | None, config: ml_collections.ConfigDict) -> bool:
     """Whether a saved evaluation (eval/before.json) was made under `config`'s evaluation
     fields: a workdir resumed with another reward, set or model must not reuse it."""
+    key = config_key(config)
     return bool(results) and set(results) == set(config.eval.sets) and all(
-        r.get("config_key") == config_key(config) for r in results.values())
+        r.get("config_key") == key for r in results.values())
 
 
 def flatten(results: dict) -> dict:
