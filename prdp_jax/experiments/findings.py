@@ -39,8 +39,12 @@ class Regime:
 
 @dataclasses.dataclass(frozen=True)
 class Scale:
+    """Where a run trains, how, and how its end is evaluated."""
+
     train_set: str       # prompts.train
     regime: Regime
+    eval_prompts: int    # first this many captions of each evaluation set (0 = all)
+    eval_samples: int    # fixed-seed samples per evaluation caption
 
 
 @dataclasses.dataclass(frozen=True)

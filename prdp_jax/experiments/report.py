@@ -77,9 +77,10 @@ def _better(a: dict, b: dict, name: str, k: float = 1.0) -> bool:
 
 # ---- The rules, fixed before any run of the new world (issue 27) ----
 #
-# Evaluation sets and their size: every run is evaluated at its end on the first 256 captions of
-# world_large_sample and world_heldout and all 32 of world_small, 4 fixed-seed samples each, the
-# base once (shared). A finding's verdict is only decided where the evaluation can see its
+# Evaluation sets and their size (runner.SIZES): every run is evaluated at its end on
+# world_small, world_large_sample and world_heldout with fixed seeds, the base once per scale
+# (shared): at the large scales the first 256 captions of each (all 32 of world_small) x 4
+# samples; at small scale, whose verdicts read world_small, the first 32 x 32. A finding's verdict is only decided where the evaluation can see its
 # effect: on each set a verdict reads, the evaluation's paired standard error of one run's gain
 # (median over the runs) must be at most a third of the effect judged, the reference arm's mean
 # gain there (`POWER`); otherwise the verdict is "undecided: evaluation too small", with the

@@ -45,13 +45,10 @@ COMPONENTS = ("alignment", "quality")
 
 @dataclasses.dataclass(frozen=True)
 class Size:
-    """How big every run of an experiment is: each scale's prompt set and regime, and the
-    evaluation every run shares."""
+    """How big every run of an experiment is: each scale's prompt set, regime and evaluation."""
 
     recipe: str               # configs/world.py recipe the runs start from
     scales: Mapping[str, Scale]
-    eval_prompts: int         # first this many prompts of each evaluation set (0 = all)
-    eval_samples: int         # fixed-seed samples per evaluation prompt
     seeds: int                # seeds per arm
     lr_grid: tuple            # learning rates of the sweep (extended while its best is an edge)
     sweep_scale: str = "large"
@@ -71,20 +68,23 @@ SIZES = {
     # queries, 64 updates; ~4.5 minutes of training on a 2-core CPU). small: the paper's
     # small-scale regime, K = 10 passes of one AdamW step over all 64 trajectories of an epoch,
     # 8 epochs (512 queries, 80 updates; ~14 minutes). Each run is evaluated once, at its end, on
-    # the first 256 captions of each set (world_small has 32) x 4 fixed-seed samples (~2 minutes;
+    # the first 256 captions of each set (world_small has 32) x 4 fixed-seed samples (~4 minutes;
     # the base's evaluation is shared by every run); its training-batch reward is its curve.
+    # At small scale the verdicts read world_small, whose 32 captions x 4 samples measure a gain
+    # to ~0.005 (the rate sweep), too coarse for the power rule: its runs take 32 samples a
+    # caption (the large sets' first 32 captions x 32 then cost what 256 x 4 do).
     # The rate grid brackets the main job's 1e-4.
     "full": Size(recipe="prdp", scales={
-        "small": Scale("world_small", FULL_SMALL),
-        "large": Scale("world_large", FULL_LARGE),
-        "large_k": Scale("world_large", FULL_SMALL)},
-        eval_prompts=256, eval_samples=4, seeds=3, lr_grid=(3e-5, 1e-4, 3e-4)),
+        "small": Scale("world_small", FULL_SMALL, eval_prompts=32, eval_samples=32),
+        "large": Scale("world_large", FULL_LARGE, eval_prompts=256, eval_samples=4),
+        "large_k": Scale("world_large", FULL_SMALL, eval_prompts=256, eval_samples=4)},
+        seeds=3, lr_grid=(3e-5, 1e-4, 3e-4)),
     # The CI smoke: a tiny model pretrained for a few steps, every code path once.
     "quick": Size(recipe="tiny", scales={
-        "small": Scale("world_small", QUICK_SMALL),
-        "large": Scale("world_large", QUICK_LARGE),
-        "large_k": Scale("world_large", QUICK_SMALL)},
-        eval_prompts=4, eval_samples=2, seeds=1, lr_grid=(3e-3,)),
+        "small": Scale("world_small", QUICK_SMALL, eval_prompts=4, eval_samples=2),
+        "large": Scale("world_large", QUICK_LARGE, eval_prompts=4, eval_samples=2),
+        "large_k": Scale("world_large", QUICK_SMALL, eval_prompts=4, eval_samples=2)},
+        seeds=1, lr_grid=(3e-3,)),
 }
 
 
@@ -128,8 +128,8 @@ def run_config(size: Size, scale: str, arm: Arm, seed: int, learning_rates: Mapp
         c.reward.weights = dict(reward)
     c.eval.sets = EVAL_SETS
     c.eval.every_epochs = 0                      # the base (shared) and the end
-    c.eval.max_prompts = size.eval_prompts
-    c.eval.samples_per_prompt = size.eval_samples
+    c.eval.max_prompts = where.eval_prompts
+    c.eval.samples_per_prompt = where.eval_samples
     c.eval.shuffled_control = False
     c.log.progress = False
     c.log.grid_every_epochs = r.epochs
