@@ -102,6 +102,8 @@ def test_results_page_keeps_every_finished_finding_and_the_prose(tmp_path):
         (out / f"{name}.json").write_text(json.dumps(
             {"finding": f"title {name}", "paper": "p", "measured": f"m {name}", "rule": "r",
              "power": "se", "held": held}))
+    for plot in ("beta.png", "beta_tradeoff.png", "clipping_small_clip.png", "betas.png"):
+        (out / plot).write_bytes(b"png")
     report.update_page(str(page), str(out), FINDINGS)
     text = page.read_text()
     assert text.startswith("# Results\n\nIntro.\n\n") and text.endswith("\n\nNotes.\n")
@@ -111,6 +113,12 @@ def test_results_page_keeps_every_finished_finding_and_the_prose(tmp_path):
                     "| title clipping | p | m clipping | r | se | undecided (evaluation too "
                     "small) |",
                     "| title beta | p | m beta | r | se | no |"]  # in the findings' order
+    # each finding's plots follow the table, linked relative to the page
+    figures = [line for line in text.splitlines() if line.startswith(("### ", "!["))]
+    assert figures == ["### title clipping",
+                       "![clipping_small_clip](results/clipping_small_clip.png)",
+                       "### title beta", "![beta](results/beta.png)",
+                       "![beta_tradeoff](results/beta_tradeoff.png)"]
 
 
 def test_a_recorded_run_is_read_back_only_while_its_config_matches(tmp_path, monkeypatch):

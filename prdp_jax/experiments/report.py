@@ -80,11 +80,12 @@ def _better(a: dict, b: dict, name: str, k: float = 1.0) -> bool:
 # Evaluation sets and their size (runner.SIZES): every run is evaluated at its end on
 # world_small, world_large_sample and world_heldout with fixed seeds, the base once per scale
 # (shared): at the large scales the first 256 captions of each (all 32 of world_small) x 4
-# samples; at small scale, whose verdicts read world_small, the first 32 x 32. A finding's verdict is only decided where the evaluation can see its
-# effect: on each set a verdict reads, the evaluation's paired standard error of one run's gain
-# (median over the runs) must be at most a third of the effect judged, the reference arm's mean
-# gain there (`POWER`); otherwise the verdict is "undecided: evaluation too small", with the
-# numbers. A mean below is over 3 seeds, ± its standard error over seeds.
+# samples; at small scale, whose verdicts read world_small, the first 32 x 32. A finding's
+# verdict is only decided where the evaluation can see its effect: on each set a verdict reads,
+# the evaluation's paired standard error of one run's gain (median over the runs) must be at
+# most a third of the effect judged, the reference arm's mean gain there (`POWER`); otherwise
+# the verdict is "undecided: evaluation too small", with the numbers. A mean below is over 3
+# seeds, ± its standard error over seeds.
 POWER = 1 / 3
 
 RULES = {
@@ -287,10 +288,11 @@ def plot_clip(path: str, title: str, curves: dict) -> None:
 
 def update_page(path: str, results_dir: str, order: Sequence[str]) -> None:
     """Rewrites the table between the markers of docs/results.md from every finding whose
-    `<results_dir>/<finding>.json` exists, in `order` (the prose around the table is kept), so a
-    finding run on its own keeps the rows of the others."""
+    `<results_dir>/<finding>.json` exists, in `order`, followed by each one's plots (the prose
+    around the markers is kept), so a finding run on its own keeps the rows of the others."""
     lines = [BEGIN, "", "| finding | paper | measured here (mean ± SE over seeds) | rule | "
                         "evaluation's power | held? |", "|---|---|---|---|---|---|"]
+    figures = []
     for name in order:
         result = os.path.join(results_dir, f"{name}.json")
         if not os.path.exists(result):
@@ -300,7 +302,13 @@ def update_page(path: str, results_dir: str, order: Sequence[str]) -> None:
         held = {True: "yes", False: "no", None: "undecided (evaluation too small)"}[r["held"]]
         lines.append(f"| {r['finding']} | {r['paper']} | {r['measured']} | {r['rule']} | "
                      f"{r.get('power', '')} | {held} |")
-    lines += ["", END]
+        plots = sorted(p for p in os.listdir(results_dir)
+                       if p.endswith(".png") and (p == f"{name}.png" or p.startswith(name + "_")))
+        if plots:
+            rel = os.path.relpath(results_dir, os.path.dirname(os.path.abspath(path)))
+            figures += [f"### {r['finding']}", ""] + [
+                f"![{p[:-4]}]({rel}/{p})" for p in plots] + [""]
+    lines += [""] + figures + [END]
     table = "\n".join(lines)
     text = open(path).read() if os.path.exists(path) else f"# Results\n\n{BEGIN}\n{END}\n"
     if BEGIN not in text or END not in text:
