@@ -102,6 +102,11 @@ def test_results_page_keeps_every_finished_finding_and_the_prose(tmp_path):
         (out / f"{name}.json").write_text(json.dumps(
             {"finding": f"title {name}", "paper": "p", "measured": f"m {name}", "rule": "r",
              "power": "se", "held": held}))
+    (out / "lr_sweep.json").write_text(json.dumps(
+        {"scale": "large", "selected_on": "world_large_sample", "chosen": {"prdp": 1e-4},
+         "base": {"world_large_sample": 0.75},
+         "final_rewards": {"prdp": {"0.0003": {"world_large_sample": 0.76},
+                                    "0.0001": {"world_large_sample": 0.77}}}}))
     for plot in ("beta.png", "beta_tradeoff.png", "clipping_small_clip.png", "betas.png"):
         (out / plot).write_bytes(b"png")
     report.update_page(str(page), str(out), FINDINGS)
@@ -113,6 +118,9 @@ def test_results_page_keeps_every_finished_finding_and_the_prose(tmp_path):
                     "| title clipping | p | m clipping | r | se | undecided (evaluation too "
                     "small) |",
                     "| title beta | p | m beta | r | se | no |"]  # in the findings' order
+    # the rate sweep first, rates in order, the chosen one in bold, gains over the base
+    assert [line for line in text.splitlines() if line.startswith("| PRDP")] == [
+        "| PRDP | **0.0001** | 0.7700 (+0.0200) |", "| PRDP | 0.0003 | 0.7600 (+0.0100) |"]
     # each finding's plots follow the table, linked relative to the page
     figures = [line for line in text.splitlines() if line.startswith(("### ", "!["))]
     assert figures == ["### title clipping",

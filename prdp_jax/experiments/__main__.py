@@ -120,7 +120,7 @@ class Experiments:
         best rate is an end of the grid, the grid grows by a factor of 3 past it."""
         scale = self.size.sweep_scale
         self.log(f"lr_sweep: {self.size.lr_grid} for PRDP and DDPO at {scale} scale, 1 seed")
-        table, chosen, grids = {}, {}, {}
+        table, chosen, grids, base = {}, {}, {}, {}
         for method in ("prdp", "ddpo"):
             arm = findings_lib.Arm(method.upper(), getattr(findings_lib, method)())  # as the findings
             grid, scores = sorted(self.size.lr_grid), {}
@@ -129,6 +129,7 @@ class Experiments:
                     if lr not in scores:
                         (c,) = self.run_arm(scale, arm, {method: lr}, seeds=1)
                         scores[lr] = {n: c["eval"][n]["reward"][-1] for n in c["eval"]}
+                        base = {n: c["eval"][n]["reward"][0] for n in c["eval"]}
                 best = max(scores, key=lambda lr: scores[lr][report.LARGE])
                 if len(grid) < 2 or best not in (grid[0], grid[-1]):
                     break
@@ -138,8 +139,9 @@ class Experiments:
             chosen[method], grids[method] = best, grid
             table[method] = {f"{lr:g}": scores[lr] for lr in sorted(scores)}
         files.atomic_write_json(os.path.join(self.out, "lr_sweep.json"),
-                                {"grid": grids, "scale": scale, "final_rewards": table,
-                                 "chosen": chosen, "selected_on": report.LARGE})
+                                {"grid": grids, "scale": scale, "base": base,
+                                 "final_rewards": table, "chosen": chosen,
+                                 "selected_on": report.LARGE})
         self.log(f"lr_sweep: chosen {chosen}")
 
     def finding(self, name: str) -> None:
@@ -194,11 +196,12 @@ def main(argv=None) -> int:
     runtime.setup(config)
     try:
         ex = Experiments(size, out, runs, args.quick, from_records=args.from_records)
+        page = os.path.join(os.path.dirname(os.path.abspath(out)), "results.md")
         if args.finding == "lr_sweep":
             ex.lr_sweep()
+            report.update_page(page, out, ORDER)
             return 0
         names = ORDER if args.finding == "all" else (args.finding,)
-        page = os.path.join(os.path.dirname(os.path.abspath(out)), "results.md")
         for n in names:  # the page is updated as each finding finishes
             try:
                 ex.finding(n)

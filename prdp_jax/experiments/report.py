@@ -286,6 +286,22 @@ def plot_clip(path: str, title: str, curves: dict) -> None:
     _save(fig, path)
 
 
+def sweep_table(sweep: dict) -> list[str]:
+    """Markdown lines of the rate sweep: each method and rate's final reward on each set (its
+    gain over the base), the chosen rate in bold."""
+    sets = list(sweep["base"])
+    lines = [f"Learning-rate sweep ({sweep['scale']} scale, seed 0; chosen on "
+             f"{sweep['selected_on']}):", "",
+             "| method | rate | " + " | ".join(sets) + " |", "|---|---|" + "---|" * len(sets),
+             "| base | | " + " | ".join(f"{sweep['base'][n]:.4f}" for n in sets) + " |"]
+    for method, rates in sweep["final_rewards"].items():
+        for rate, finals in sorted(rates.items(), key=lambda kv: float(kv[0])):
+            bold = "**" if float(rate) == sweep["chosen"][method] else ""
+            lines.append(f"| {method.upper()} | {bold}{rate}{bold} | " + " | ".join(
+                f"{finals[n]:.4f} ({finals[n] - sweep['base'][n]:+.4f})" for n in sets) + " |")
+    return lines
+
+
 def update_page(path: str, results_dir: str, order: Sequence[str]) -> None:
     """Rewrites the table between the markers of docs/results.md from every finding whose
     `<results_dir>/<finding>.json` exists, in `order`, followed by each one's plots (the prose
@@ -293,6 +309,10 @@ def update_page(path: str, results_dir: str, order: Sequence[str]) -> None:
     lines = [BEGIN, "", "| finding | paper | measured here (mean ± SE over seeds) | rule | "
                         "evaluation's power | held? |", "|---|---|---|---|---|---|"]
     figures = []
+    sweep = os.path.join(results_dir, "lr_sweep.json")
+    if os.path.exists(sweep):
+        with open(sweep) as f:
+            lines[2:2] = sweep_table(json.load(f)) + ["", "Findings:", ""]
     for name in order:
         result = os.path.join(results_dir, f"{name}.json")
         if not os.path.exists(result):
