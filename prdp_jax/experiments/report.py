@@ -60,7 +60,7 @@ def base_spread(curves: Sequence[dict]) -> dict:
     return out
 
 
-def fmt(ms: tuple[float, float], digits: int = 3, sign: bool = False) -> str:
+def fmt(ms: tuple[float, float], digits: int = 4, sign: bool = False) -> str:
     return f"{ms[0]:{'+' if sign else ''}.{digits}f} ± {ms[1]:.{digits}f}"
 
 
@@ -155,7 +155,7 @@ def verdict(finding: str, summaries: dict) -> tuple[bool, str, str]:
             held &= bool(binds) and _better(c, u, n)
             parts.append(f"{scale} ({n}): gain PRDP {fmt(c['eval'][n]['gain'], sign=True)} vs no "
                          f"clip {fmt(u['eval'][n]['gain'], sign=True)} (drift "
-                         f"{fmt(c['eval'][n]['drift'], 4)} vs {fmt(u['eval'][n]['drift'], 4)}; "
+                         f"{fmt(c['eval'][n]['drift'], 5)} vs {fmt(u['eval'][n]['drift'], 5)}; "
                          f"clip fraction by pass {_passes(c)}); DDPO "
                          f"{fmt(dc['eval'][n]['gain'], sign=True)} vs no clip "
                          f"{fmt(du['eval'][n]['gain'], sign=True)}")
@@ -173,7 +173,7 @@ def verdict(finding: str, summaries: dict) -> tuple[bool, str, str]:
         text = "world_large_sample, gains: " + ", ".join(
             f"{k[1].split(' ')[1]}: quality {fmt(comp(k, 'quality'), sign=True)}, alignment "
             f"{fmt(comp(k, 'alignment'), sign=True)}, drift "
-            f"{fmt(s[k]['eval'][LARGE]['drift'], 4)}" for k in arms)
+            f"{fmt(s[k]['eval'][LARGE]['drift'], 5)}" for k in arms)
     elif finding == "online_offline":
         on, off = s[("large", "PRDP online")], s[("large", "PRDP offline")]
         held = _better(on, off, LARGE)
