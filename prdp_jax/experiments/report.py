@@ -308,7 +308,7 @@ def update_page(path: str, results_dir: str, order: Sequence[str]) -> None:
     around the markers is kept), so a finding run on its own keeps the rows of the others."""
     lines = [BEGIN, "", "| finding | paper | measured here (mean ± SE over seeds) | rule | "
                         "evaluation's power | held? |", "|---|---|---|---|---|---|"]
-    figures = []
+    figures, rel = [], os.path.relpath(results_dir, os.path.dirname(os.path.abspath(path)))
     sweep = os.path.join(results_dir, "lr_sweep.json")
     if os.path.exists(sweep):
         with open(sweep) as f:
@@ -325,7 +325,6 @@ def update_page(path: str, results_dir: str, order: Sequence[str]) -> None:
         plots = sorted(p for p in os.listdir(results_dir)
                        if p.endswith(".png") and (p == f"{name}.png" or p.startswith(name + "_")))
         if plots:
-            rel = os.path.relpath(results_dir, os.path.dirname(os.path.abspath(path)))
             figures += [f"### {r['finding']}", ""] + [
                 f"![{p[:-4]}]({rel}/{p})" for p in plots] + [""]
     lines += [""] + figures + [END]
