@@ -64,6 +64,11 @@ def fmt(ms: tuple[float, float], digits: int = 4, sign: bool = False) -> str:
     return f"{ms[0]:{'+' if sign else ''}.{digits}f} ± {ms[1]:.{digits}f}"
 
 
+def fmt_drift(ms: tuple[float, float]) -> str:
+    """Drift spans decades across arms (1e-5 to 1e-3): two significant digits, not decimals."""
+    return f"{ms[0]:.1e} ± {ms[1]:.1e}"
+
+
 def _gain_beyond(s: dict, name: str, k: float = 2.0) -> bool:
     gain, se = s["eval"][name]["gain"]
     return gain > k * max(se, 1e-12)
@@ -133,9 +138,9 @@ def verdict(finding: str, summaries: dict) -> tuple[bool, str, str]:
         p, d = s[("small", "PRDP")], s[("small", "DDPO")]
         (mp, sp), (md, sd) = p["eval"][SMALL]["final"], d["eval"][SMALL]["final"]
         held = _gain_beyond(p, SMALL) and mp >= md - math.hypot(sp, sd)
-        text = (f"world_small: PRDP {fmt((mp, sp))} (gain {fmt(p['eval'][SMALL]['gain'], sign=True)}), "
-                f"DDPO {fmt((md, sd))} (gain {fmt(d['eval'][SMALL]['gain'], sign=True)}); base "
-                f"{p['eval'][SMALL]['base']:.3f}; PRDP's clip fraction by pass "
+        gp, gd = (fmt(x["eval"][SMALL]["gain"], sign=True) for x in (p, d))
+        text = (f"world_small: PRDP {fmt((mp, sp))} (gain {gp}), DDPO {fmt((md, sd))} (gain {gd}); "
+                f"base {p['eval'][SMALL]['base']:.3f}; PRDP's clip fraction by pass "
                 + _passes(p))
     elif finding == "large_scale":
         p = s[("large", "PRDP")]
@@ -153,9 +158,9 @@ def verdict(finding: str, summaries: dict) -> tuple[bool, str, str]:
             dc, du = s[(scale, "DDPO")], s[(scale, "DDPO, no clip")]
             binds = np.mean(c.get("clip_frac_by_pass", [0.0])[1:]) > 0.05
             held &= bool(binds) and _better(c, u, n)
+            dr = [fmt_drift(x["eval"][n]["drift"]) for x in (c, u)]
             parts.append(f"{scale} ({n}): gain PRDP {fmt(c['eval'][n]['gain'], sign=True)} vs no "
-                         f"clip {fmt(u['eval'][n]['gain'], sign=True)} (drift "
-                         f"{fmt(c['eval'][n]['drift'], 5)} vs {fmt(u['eval'][n]['drift'], 5)}; "
+                         f"clip {fmt(u['eval'][n]['gain'], sign=True)} (drift {dr[0]} vs {dr[1]}; "
                          f"clip fraction by pass {_passes(c)}); DDPO "
                          f"{fmt(dc['eval'][n]['gain'], sign=True)} vs no clip "
                          f"{fmt(du['eval'][n]['gain'], sign=True)}")
@@ -173,7 +178,7 @@ def verdict(finding: str, summaries: dict) -> tuple[bool, str, str]:
         text = "world_large_sample, gains: " + ", ".join(
             f"{k[1].split(' ')[1]}: quality {fmt(comp(k, 'quality'), sign=True)}, alignment "
             f"{fmt(comp(k, 'alignment'), sign=True)}, drift "
-            f"{fmt(s[k]['eval'][LARGE]['drift'], 5)}" for k in arms)
+            f"{fmt_drift(s[k]['eval'][LARGE]['drift'])}" for k in arms)
     elif finding == "online_offline":
         on, off = s[("large", "PRDP online")], s[("large", "PRDP offline")]
         held = _better(on, off, LARGE)
