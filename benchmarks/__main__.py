@@ -61,18 +61,10 @@ def time_torch(row: dict, mode: str, ours_s: float, measure) -> None:
 def machine() -> dict:
     import jax
     import torch
-    cpu, flags = platform.processor(), set()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            lines = f.readlines()
-        names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-        flags = set(next((line.split(":", 1)[1].split() for line in lines
-                          if line.startswith("flags")), []))
+    from prdp_jax.infra import runtime
     device = jax.devices()[0]
-    return {"cpu": cpu, "cores": os.cpu_count(), "avx512": "avx512f" in flags,
-            "avx2": "avx2" in flags, "platform": platform.platform(),
-            "jax": jax.__version__, "jax_device": f"{device.platform}:{device.device_kind}",
+    return {**runtime.host(), "cores": os.cpu_count(), "platform": platform.platform(),
+            "jax_device": f"{device.platform}:{device.device_kind}",
             "jax_devices": jax.device_count(), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "python": platform.python_version()}
 

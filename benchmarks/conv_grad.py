@@ -45,6 +45,7 @@ def xla_path(hlo: str) -> str:
 def measure() -> dict:
     import jax
     import torch
+    from prdp_jax.infra import runtime
     rng = np.random.default_rng(0)
     x = rng.normal(size=(B, H, H, C)).astype(np.float32)
     w = (rng.normal(size=(3, 3, C, C)) * 0.05).astype(np.float32)
@@ -65,12 +66,8 @@ def measure() -> dict:
         "input_grad": lambda: torch.nn.grad.conv2d_input(tx.shape, tw, tg, padding=1),
         "weight_grad": lambda: torch.nn.grad.conv2d_weight(tx, tw.shape, tg, padding=1),
     }
-    flags = set()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            flags = set(next((line.split(":", 1)[1].split() for line in f
-                              if line.startswith("flags")), []))
-    out = {"cpu_avx512f": "avx512f" in flags, "cpu_avx2": "avx2" in flags,
+    host = runtime.host()
+    out = {"cpu_avx512f": host["avx512"], "cpu_avx2": host["avx2"],
            "cores": len(os.sched_getaffinity(0)), "xla_flags": os.environ.get("XLA_FLAGS", ""),
            "torch_capability": torch.backends.cpu.get_cpu_capability(),
            "gflop": 2 * B * H * H * C * C * 9 / 1e9}

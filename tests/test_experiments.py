@@ -131,6 +131,7 @@ def test_results_page_keeps_every_finished_finding_and_the_prose(tmp_path):
 
 def test_a_recorded_run_is_read_back_only_while_its_config_matches(tmp_path, monkeypatch):
     from prdp_jax.experiments import findings, runner
+    from prdp_jax.infra import runtime
     from prdp_jax.training import loop as train
     size = runner.SIZES["quick"]
     config = runner.run_config(size, "small", findings.Arm("PRDP", {"method": "prdp"}), 0, {})
@@ -163,7 +164,20 @@ def test_a_recorded_run_is_read_back_only_while_its_config_matches(tmp_path, mon
     assert out["eval"]["world_heldout"]["reward"] == [0.1, 0.3]
     assert out["clip_frac_by_pass"] == [[0.0, 0.2]]  # the small scale's K = 2 passes
     assert json.loads(record.read_text()) == {"config": json.loads(runner.to_json(config)),
-                                              "curve": out}
+                                              "curve": out, "host": runtime.host()}
+
+
+def test_new_runs_join_records_only_from_the_same_base():
+    """Another CPU's rounding of the same base's evaluation (~1e-6) is admitted; another base
+    (a difference of a fair part of the evaluation's SE) is refused with one error line."""
+    from prdp_jax.experiments import runner
+    from prdp_jax.infra.errors import UserError
+    recorded = {"world_small": 0.7436163425445557}
+    here = {"world_small": {"reward_mean": 0.7436160445213318, "reward_se": 0.017}}
+    runner.check_base(here, recorded, "docs/results/runs")
+    here["world_small"]["reward_mean"] = 0.7436163425445557 + 0.002 * 0.017
+    with pytest.raises(UserError, match="world_small: 0.743650 here, 0.743616 there"):
+        runner.check_base(here, recorded, "docs/results/runs")
 
 
 def test_an_arm_set_to_a_config_default_shares_the_plain_arms_runs():

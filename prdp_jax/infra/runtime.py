@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import platform
 import re
 import sys
 import threading
@@ -93,6 +94,22 @@ def configure_cpu_devices(config) -> int:
 def cores() -> int:
     """CPU cores this process may run on."""
     return len(os.sched_getaffinity(0))
+
+
+def host() -> dict:
+    """What makes this machine's numbers what they are: the CPU's name, its vector extensions
+    (`lscpu` flags: XLA's rounding and speed differ between AVX2 and AVX-512) and JAX's version."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = f.readlines()
+    except OSError:
+        lines = []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    name = names[0] if names else platform.processor() or "unknown"
+    flags = set(next((line.split(":", 1)[1].split() for line in lines
+                      if line.startswith("flags")), []))
+    return {"cpu": name, "avx512": "avx512f" in flags, "avx2": "avx2" in flags,
+            "jax": jax.__version__}
 
 
 def set_cpu_device_count(count: int) -> None:

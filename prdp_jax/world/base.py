@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 
 from prdp_jax.core import diffusion
-from prdp_jax.infra import sharding
+from prdp_jax.infra import runtime, sharding
 from prdp_jax.infra.errors import ConfigError, WeightsError
 from prdp_jax.models import diffusers_folder
 from prdp_jax.models.tokenizers import WordTokenizer
@@ -98,21 +98,10 @@ def pretrain_base(config: ml_collections.ConfigDict, out: str, state_dir: str, l
         checkpointer.close()
     host = jax.tree.map(np.asarray, params)
     record["training"] = {"seconds": round(info["seconds"], 1), "loss_every_25_steps":
-                          [round(v, 5) for v in info["loss"]], "cpu": _cpu_name()}
+                          [round(v, 5) for v in info["loss"]], "cpu": runtime.host()["cpu"]}
     base_folder.write(out, host, unet, text_encoder, grammar.VOCABULARY, schedule_kwargs, record)
     log(f"wrote the base to {out}")
     return out
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 def check_world(root: str, config: ml_collections.ConfigDict) -> None:
