@@ -101,7 +101,9 @@ def test_results_page_keeps_every_finished_finding_and_the_prose(tmp_path):
     for name, held in (("beta", False), ("small_scale", True), ("clipping", None)):
         (out / f"{name}.json").write_text(json.dumps(
             {"finding": f"title {name}", "paper": "p", "measured": f"m {name}", "rule": "r",
-             "power": "se", "held": held}))
+             "power": "se", "held": held,
+             "hosts": {"CPU A (AVX2), JAX 1": 1, "CPU B (AVX-512), JAX 1": 17}
+             if name == "beta" else {}}))
     (out / "lr_sweep.json").write_text(json.dumps(
         {"scale": "large", "selected_on": "world_large_sample", "chosen": {"prdp": 1e-4},
          "base": {"world_large_sample": 0.75},
@@ -127,6 +129,9 @@ def test_results_page_keeps_every_finished_finding_and_the_prose(tmp_path):
                        "![clipping_small_clip](results/clipping_small_clip.png)",
                        "### title beta", "![beta](results/beta.png)",
                        "![beta_tradeoff](results/beta_tradeoff.png)"]
+    # which machines trained a finding's runs, where its result names them
+    assert [line for line in text.splitlines() if line.startswith("Trained on")] == [
+        "Trained on: 17 runs on CPU B (AVX-512), JAX 1; 1 on CPU A (AVX2), JAX 1."]
 
 
 def test_a_recorded_run_is_read_back_only_while_its_config_matches(tmp_path, monkeypatch):

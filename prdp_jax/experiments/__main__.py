@@ -15,6 +15,7 @@ fresh checkout reads those runs back instead of training them again.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import os
@@ -56,6 +57,7 @@ class Experiments:
         self.from_records = from_records
         self.base_dir = os.path.join(runs, "base") if quick else None
         self.bases_checked: set[str] = set()
+        self.hosts: collections.Counter = collections.Counter()  # the current finding's runs
         os.makedirs(out, exist_ok=True)
 
     def run_arm(self, scale: str, arm: findings_lib.Arm, learning_rates: dict,
@@ -84,6 +86,7 @@ class Experiments:
                     log=lambda *a, **k: None, reference_cache=os.path.join(self.runs, "before"),
                     record=record)
             curves.append(curve)
+            self.hosts[runner.recorded_host(record)] += 1
             e = curves[-1]["eval"][report.LARGE]
             self.log(f"  {scale:<7} {arm.name:<26} seed {seed}: large sample "
                      f"{e['reward'][0]:.4f} -> {e['reward'][-1]:.4f} "
@@ -149,6 +152,7 @@ class Experiments:
         lrs = self.learning_rates()
         self.log(f"{name}: {f.title}")
         curves, summaries = {}, {}
+        self.hosts.clear()
         for scale in f.scales:
             for arm in f.arms:
                 runs = self.run_arm(scale, arm, lrs, reward=f.reward)
@@ -158,9 +162,10 @@ class Experiments:
         powered, power_text = report.power(name, summaries)
         spread = report.base_spread([c for runs in curves.values() for c in runs])
         if spread:
-            self.log(f"{name}: warning: its runs start from bases that differ ("
-                     + ", ".join(f"{n} {lo:.4f}-{hi:.4f}" for n, (lo, hi) in spread.items())
-                     + "): some were recorded on a machine whose CPU rounds differently")
+            self.log(f"{name}: its runs' evaluations of the base differ in the last digits ("
+                     + ", ".join(f"{n} {lo:.6f}-{hi:.6f}" for n, (lo, hi) in spread.items())
+                     + "): they ran on CPUs that round differently ("
+                     + report.hosts_text(self.hosts) + ")")
         for scale in f.scales:
             labelled = {label: c for (s, label), c in curves.items() if s == scale}
             suffix = f"_{scale}" if len(f.scales) > 1 else ""
@@ -178,6 +183,7 @@ class Experiments:
             "learning_rates": lrs, "reward": dict(f.reward) or {"preference": 1.0},
             "held": held if powered else None, "measured": measured, "rule": rule,
             "power": power_text, "powered": powered, "base_spread": spread,
+            "hosts": dict(self.hosts),
             "arms": {f"{s}/{label}": {"summary": summaries[(s, label)],
                                       "curves": curves[(s, label)]} for s, label in curves}})
         verdict = ("held" if held else "did not hold") if powered else \

@@ -60,6 +60,13 @@ def base_spread(curves: Sequence[dict]) -> dict:
     return out
 
 
+def hosts_text(hosts: dict) -> str:
+    """'15 runs on <host>; 3 on <host>' from {host: run count}, most runs first."""
+    items = sorted(hosts.items(), key=lambda kv: -kv[1])
+    return "; ".join(f"{n} run{'s' if n > 1 else ''} on {h}" if i == 0 else f"{n} on {h}"
+                     for i, (h, n) in enumerate(items))
+
+
 def fmt(ms: tuple[float, float], digits: int = 4, sign: bool = False) -> str:
     return f"{ms[0]:{'+' if sign else ''}.{digits}f} ± {ms[1]:.{digits}f}"
 
@@ -329,8 +336,9 @@ def update_page(path: str, results_dir: str, order: Sequence[str]) -> None:
                      f"{r.get('power', '')} | {held} |")
         plots = sorted(p for p in os.listdir(results_dir)
                        if p.endswith(".png") and (p == f"{name}.png" or p.startswith(name + "_")))
-        if plots:
-            figures += [f"### {r['finding']}", ""] + [
+        trained = [f"Trained on: {hosts_text(r['hosts'])}.", ""] if r.get("hosts") else []
+        if plots or trained:
+            figures += [f"### {r['finding']}", ""] + trained + [
                 f"![{p[:-4]}]({rel}/{p})" for p in plots] + [""]
     lines += [""] + figures + [END]
     table = "\n".join(lines)

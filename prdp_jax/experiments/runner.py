@@ -164,6 +164,16 @@ def recorded(config: ml_collections.ConfigDict, record: str | None) -> dict | No
     return kept["curve"] if kept.get("config") == json.loads(to_json(config)) else None
 
 
+def recorded_host(record: str) -> str:
+    """The host that trained the run recorded in `record`, in words (runtime.host)."""
+    with open(record) as f:
+        h = json.load(f).get("host")
+    if not h:
+        return "a host not recorded (records before 8 December 2026)"
+    isa = "AVX-512" if h["avx512"] else "AVX2" if h["avx2"] else "no AVX2"
+    return f"{h['cpu']} ({isa}), JAX {h['jax']}"
+
+
 def recorded_base(records_dir: str, config: ml_collections.ConfigDict) -> dict | None:
     """{set: reward} of the base model that the records under `records_dir` sharing `config`'s
     reference evaluation start from (their curves' first point), or None if there are none."""
