@@ -212,7 +212,7 @@ def reference(config: ml_collections.ConfigDict, reference_cache: str, log: Call
 
 # A base evaluation on this machine agrees with the recorded one when the two means differ by at
 # most this fraction of the evaluation's standard error: another CPU's rounding moves the mean of
-# the same shipped base by ~1e-6 (1e-4 of the SE); another base moves it by a fair part of the SE.
+# the same shipped base by ~6e-7 (3e-5 of the SE); another base moves it by a fair part of it.
 BASE_TOLERANCE = 1e-3
 
 
