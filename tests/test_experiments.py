@@ -304,6 +304,28 @@ def test_a_saved_reference_evaluation_is_reused_only_under_the_same_evaluation_s
     assert not evaluation.reusable(unstamped, config)
 
 
+def test_the_base_check_leaves_the_runs_config_as_asked(tmp_path, monkeypatch):
+    """Checking the base (runner.reference) builds the pipeline, which resolves the base folder
+    into the config it is given; the run that follows must still record `model.path` as asked
+    (empty: the shipped base), or its record would never match its config again."""
+    from prdp_jax.experiments import findings, runner
+    from prdp_jax.pipelines import factory
+
+    class Built(Exception):
+        pass
+
+    def build(config, mesh, log=print):
+        config.model.path = "/resolved/base_model"   # what the world's pipeline does
+        raise Built
+    monkeypatch.setattr(factory, "build_pipeline", build)
+    config = runner.run_config(runner.SIZES["quick"], "large_k",
+                               findings.Arm("PRDP", findings.prdp()), 0, {})
+    asked = runner.to_json(config)
+    with pytest.raises(Built):
+        runner.reference(config, str(tmp_path))
+    assert runner.to_json(config) == asked and not config.model.path
+
+
 def test_the_findings_clip_is_the_committed_calibration_and_every_clipped_arm_uses_it():
     from prdp_jax.experiments import findings
     with open(os.path.join(ROOT, "docs", "results", "clip_calibration.json")) as f:

@@ -24,6 +24,7 @@ runs on CPUs that round differently are equally valid draws but not bitwise repe
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import glob
 import json
@@ -198,6 +199,9 @@ def reference(config: ml_collections.ConfigDict, reference_cache: str, log: Call
     from prdp_jax.pipelines.factory import build_pipeline
     from prdp_jax.rewards import combine as rewards
     from prdp_jax.training import evaluation
+    # A pipeline resolves its weights' folder into the config it is given (`model.path`); the
+    # caller's config goes on to be a run's, whose record must keep the path as it was asked.
+    config = copy.deepcopy(config)
     mesh = sharding.mesh_from_config(config.mesh)
     pipe = build_pipeline(config, mesh, log=log)
     evaluator = evaluation.Evaluator(config, pipe, mesh,
